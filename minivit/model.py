@@ -1,0 +1,264 @@
+"""The Vision Transformer: parameters, forward pass, backward pass.
+
+Shape glossary: see layers.py (B batch, H W C image, P patch, gh gw grid, N tokens, D width, nh heads, hs head
+size, M MLP width, K classes).
+
+    z0 = [x_class; patchify(x) E] + E_pos                      (the class token only for 'token' pooling)
+    z' = z + MSA(LN(z));  z = z' + MLP(LN(z'))                  (pre-norm blocks, depth times)
+    y  = LN(z_L);  pooled = y[:, 0] ('token') or mean over the patch tokens ('gap')
+    logits = pooled @ head_w + head_b                          (through tanh(pooled @ pre_logits) when present)
+
+`vit_backward` calls the layer backwards in exactly the reverse order of `vit_forward`.
+"""
+import math
+
+import numpy as np
+
+from minivit.attention import ATTN_PROBS, attention_backward, attention_forward
+from minivit.backend import get_xp, to_device
+from minivit.config import param_shapes
+from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward, gelu_backward,
+                            gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+                            patch_embed_backward, patch_embed_forward, tokens_backward, tokens_forward)
+from minivit.tree import flatten, unflatten
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters
+
+def _xavier_uniform(rng, fan_in, fan_out, shape):
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape)
+
+
+def _lecun_normal(rng, fan_in, shape):
+    """Truncated normal (at +-2 std) with variance 1/fan_in, as jax's lecun_normal (std corrected for truncation)."""
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    z = rng.standard_normal(size=shape)
+    bad = np.abs(z) > 2.0
+    while bad.any():
+        z[bad] = rng.standard_normal(size=int(bad.sum()))
+        bad = np.abs(z) > 2.0
+    return z * std
+
+
+def init_params(cfg, seed=0, dtype=np.float32, device=None):
+    """A nested dict of arrays for `cfg`, initialized as the original ViT code, on the host then moved to `device`.
+
+    Dense kernels xavier-uniform (q, k and v each over its own (D, D) fan, as the original's separate projections;
+    stored fused in qkv_w (D, 3D) as [q | k | v]); MLP biases normal(1e-6); other biases zero; patch embedding
+    lecun-normal over fan-in P*P*C (it is a convolution there); position embedding normal(0.02); class token zero;
+    head zero (kernel and bias); LayerNorm weight one, bias zero; pre_logits (when present) lecun-normal.
+    The draws come from one seeded NumPy generator in a fixed order, so CPU and GPU start identical.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = param_shapes(cfg)
+    D, M = cfg.width, cfg.mlp_dim
+    p = {"patch_embed": {"w": _lecun_normal(rng, shapes["patch_embed"]["w"][0], shapes["patch_embed"]["w"]),
+                         "b": np.zeros(D)}}
+    if cfg.n_prefix:
+        p["cls_token"] = np.zeros((1, 1, D))
+    p["pos_embed"] = rng.normal(0.0, 0.02, size=shapes["pos_embed"])
+    p["blocks"] = []
+    for _ in range(cfg.depth):
+        qkv_w = np.concatenate([_xavier_uniform(rng, D, D, (D, D)) for _ in range(3)], axis=1)   # (D, 3D)
+        p["blocks"].append({
+            "norm1": {"w": np.ones(D), "b": np.zeros(D)},
+            "attn": {"qkv_w": qkv_w, "qkv_b": np.zeros(3 * D),
+                     "proj_w": _xavier_uniform(rng, D, D, (D, D)), "proj_b": np.zeros(D)},
+            "norm2": {"w": np.ones(D), "b": np.zeros(D)},
+            "mlp": {"fc1_w": _xavier_uniform(rng, D, M, (D, M)), "fc1_b": rng.normal(0.0, 1e-6, size=M),
+                    "fc2_w": _xavier_uniform(rng, M, D, (M, D)), "fc2_b": rng.normal(0.0, 1e-6, size=D)},
+        })
+    p["norm"] = {"w": np.ones(D), "b": np.zeros(D)}
+    if cfg.representation_size:
+        p["pre_logits"] = {"w": _lecun_normal(rng, D, (D, cfg.representation_size)),
+                           "b": np.zeros(cfg.representation_size)}
+    p["head"] = {"w": np.zeros(shapes["head"]["w"]), "b": np.zeros(cfg.num_classes)}
+    flat = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in flatten(p).items()}
+    return to_device(unflatten(flat), device)
+
+
+def check_params(params, cfg):
+    """Raise ValueError naming the first parameter whose name or shape does not match `cfg`."""
+    want = flatten(param_shapes(cfg), is_leaf=lambda v: isinstance(v, tuple))
+    have = flatten(params)
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        raise ValueError(f"parameters do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, shape in want.items():
+        if tuple(have[k].shape) != tuple(shape):
+            raise ValueError(f"parameter {k} has shape {tuple(have[k].shape)}, the config expects {tuple(shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLP and encoder block
+
+def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0):
+    """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))"""
+    h, fc1_cache = linear_forward(x, p["fc1_w"], p["fc1_b"])            # (B, N, M)
+    h, gelu_cache = gelu_forward(h, approximate)                        # (B, N, M)
+    h, drop1_cache = dropout_forward(h, dropout, train, rng)
+    y, fc2_cache = linear_forward(h, p["fc2_w"], p["fc2_b"])            # (B, N, D)
+    y, drop2_cache = dropout_forward(y, dropout, train, rng)
+    return y, (fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache)
+
+
+def mlp_backward(dy, cache):
+    """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}."""
+    fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache = cache
+    dy = dropout_backward(dy, drop2_cache)
+    dh, dfc2_w, dfc2_b = linear_backward(dy, fc2_cache)                 # fwd: y = h @ fc2_w + fc2_b
+    dh = dropout_backward(dh, drop1_cache)
+    dh = gelu_backward(dh, gelu_cache)                                  # fwd: h = gelu(h)
+    dx, dfc1_w, dfc1_b = linear_backward(dh, fc1_cache)                 # fwd: h = x @ fc1_w + fc1_b
+    return dx, {"fc1_w": dfc1_w, "fc1_b": dfc1_b, "fc2_w": dfc2_w, "fc2_b": dfc2_b}
+
+
+def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0):
+    """x: (B, N, D) -> (B, N, D).   x1 = x + MSA(LN(x));  y = x1 + MLP(LN(x1))"""
+    h, norm1_cache = layernorm_forward(x, p["norm1"]["w"], p["norm1"]["b"], cfg.ln_eps)
+    h, attn_cache = attention_forward(h, p["attn"], cfg.heads, train, rng, cfg.attn_dropout, cfg.dropout)
+    h, dp1_cache = drop_path_forward(h, drop_path, train, rng)
+    x1 = x + h                                                          # (B, N, D) first residual
+    h, norm2_cache = layernorm_forward(x1, p["norm2"]["w"], p["norm2"]["b"], cfg.ln_eps)
+    h, mlp_cache = mlp_forward(h, p["mlp"], cfg.gelu, train, rng, cfg.dropout)
+    h, dp2_cache = drop_path_forward(h, drop_path, train, rng)
+    y = x1 + h                                                          # (B, N, D) second residual
+    return y, (norm1_cache, attn_cache, dp1_cache, norm2_cache, mlp_cache, dp2_cache)
+
+
+def block_backward(dy, cache):
+    """dy: (B, N, D) -> dx (B, N, D), grads {norm1, attn, norm2, mlp}. Residuals: dx = dy + dbranch."""
+    norm1_cache, attn_cache, dp1_cache, norm2_cache, mlp_cache, dp2_cache = cache
+    # fwd: y = x1 + drop_path(mlp(norm2(x1)))
+    dh = drop_path_backward(dy, dp2_cache)
+    dh, dmlp = mlp_backward(dh, mlp_cache)
+    dh, dnorm2_w, dnorm2_b = layernorm_backward(dh, norm2_cache)
+    dx1 = dy + dh
+    # fwd: x1 = x + drop_path(attn(norm1(x)))
+    dh = drop_path_backward(dx1, dp1_cache)
+    dh, dattn = attention_backward(dh, attn_cache)
+    dh, dnorm1_w, dnorm1_b = layernorm_backward(dh, norm1_cache)
+    dx = dx1 + dh
+    return dx, {"norm1": {"w": dnorm1_w, "b": dnorm1_b}, "attn": dattn,
+                "norm2": {"w": dnorm2_w, "b": dnorm2_b}, "mlp": dmlp}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model
+
+def check_images(images, cfg, dtype=None):
+    """Raise ValueError unless images are floating (B, H, W, C) matching cfg (and `dtype`, when given)."""
+    shape = tuple(getattr(images, "shape", ()))
+    H, W = cfg.image_hw
+    if len(shape) != 4:
+        raise ValueError(f"images must have rank 4 (B, H, W, C), got shape {shape}")
+    if shape[3] != cfg.channels:
+        raise ValueError(f"images must have {cfg.channels} channel(s) (channels-last (B, H, W, C)), got shape {shape}")
+    if shape[1:3] != (H, W):
+        raise ValueError(f"images must be {H}x{W} for this model, got {shape[1]}x{shape[2]} (shape {shape})")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be floating point (normalized pixels), got dtype {images.dtype}")
+    if dtype is not None and images.dtype != dtype:
+        raise ValueError(f"images are {images.dtype} but the parameters are {dtype}: convert with .astype()")
+
+
+def drop_path_rates(cfg):
+    """Stochastic depth rate of each block, rising linearly from 0 to cfg.drop_path (as timm)."""
+    if cfg.depth == 1:
+        return [cfg.drop_path]
+    return [cfg.drop_path * i / (cfg.depth - 1) for i in range(cfg.depth)]
+
+
+def vit_forward(params, images, cfg, train=False, rng=None):
+    """images: (B, H, W, C) -> logits (B, K), cache.
+
+    `train=True` turns dropout and stochastic depth on; their masks come from `rng` (a NumPy Generator) and are
+    kept in the cache. Returns `(logits, cache)`; the pooled representation is `cache["pooled"]` and the
+    attention probabilities are `attention_probs(cache)`.
+    """
+    check_images(images, cfg, params["pos_embed"].dtype)
+    xp = get_xp(images)
+    cache = {}
+    x, cache["patch_embed"] = patch_embed_forward(images, params["patch_embed"]["w"], params["patch_embed"]["b"],
+                                                  cfg.patch_size)                       # (B, Np, D)
+    x, cache["tokens"] = tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
+    x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
+    cache["blocks"] = []
+    for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
+        x, c = block_forward(x, p, cfg, train, rng, rate)                                # (B, N, D)
+        cache["blocks"].append(c)
+    x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)
+    if cfg.pooling == "token":
+        pooled = x[:, 0]                                                                 # (B, D) class token
+    else:
+        pooled = x.mean(axis=1)                                                          # (B, D) mean of patches
+    cache["pooled_shape"] = x.shape
+    if "pre_logits" in params:
+        h, cache["pre_logits"] = linear_forward(pooled, params["pre_logits"]["w"], params["pre_logits"]["b"])
+        pooled = xp.tanh(h)                                                              # (B, rep)
+        cache["pre_logits_tanh"] = pooled
+    cache["pooled"] = pooled
+    logits, cache["head"] = linear_forward(pooled, params["head"]["w"], params["head"]["b"])  # (B, K)
+    cache["pooling"] = cfg.pooling
+    return logits, cache
+
+
+def vit_backward(dlogits, cache):
+    """dlogits: (B, K) -> dimages (B, H, W, C), grads (the same tree as params)."""
+    xp = get_xp(dlogits)
+    grads = {}
+    dpooled, dw, db = linear_backward(dlogits, cache["head"])                           # (B, D)
+    grads["head"] = {"w": dw, "b": db}
+    if "pre_logits" in cache:
+        t = cache["pre_logits_tanh"]
+        dh = dpooled * (1.0 - t * t)                                                     # fwd: pooled = tanh(h)
+        dpooled, dw, db = linear_backward(dh, cache["pre_logits"])
+        grads["pre_logits"] = {"w": dw, "b": db}
+    B, N, D = cache["pooled_shape"]
+    if cache["pooling"] == "token":
+        dx = xp.zeros((B, N, D), dtype=dlogits.dtype)                                    # fwd: pooled = x[:, 0]
+        dx[:, 0] = dpooled
+    else:
+        dx = xp.broadcast_to((dpooled * (1.0 / N))[:, None, :], (B, N, D))              # fwd: pooled = mean(x)
+    dx, dw, db = layernorm_backward(dx, cache["norm"])
+    grads["norm"] = {"w": dw, "b": db}
+    dblocks = []
+    for c in reversed(cache["blocks"]):
+        dx, g = block_backward(dx, c)
+        dblocks.append(g)
+    dx = dropout_backward(dx, cache["drop"])
+    dx, dcls, dpos = tokens_backward(dx, cache["tokens"])
+    dimages, dw, db = patch_embed_backward(dx, cache["patch_embed"])
+    # Assemble in the parameters' own key order, so flatten(grads) lines up with flatten(params).
+    out = {"patch_embed": {"w": dw, "b": db}}
+    if dcls is not None:
+        out["cls_token"] = dcls
+    out["pos_embed"] = dpos
+    out["blocks"] = dblocks[::-1]
+    out["norm"] = grads["norm"]
+    if "pre_logits" in grads:
+        out["pre_logits"] = grads["pre_logits"]
+    out["head"] = grads["head"]
+    return dimages, out
+
+
+def attention_probs(cache):
+    """The attention probabilities of every layer of a forward pass: a list of L arrays (B, nh, N, N)."""
+    return [c[1][ATTN_PROBS] for c in cache["blocks"]]
+
+
+def predict(params, cfg, images, batch_size=256):
+    """images: (B, H, W, C) float -> class probabilities (B, K) as NumPy, in evaluation mode, batch by batch."""
+    from minivit.backend import to_numpy
+    xp = get_xp(params["pos_embed"])
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = xp.asarray(images[i:i + batch_size], dtype=params["pos_embed"].dtype)
+        logits, _ = vit_forward(params, x, cfg)
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = xp.exp(z)
+        out.append(to_numpy(e / e.sum(axis=1, keepdims=True)))
+    return np.concatenate(out) if out else np.zeros((0, cfg.num_classes), dtype=np.float32)

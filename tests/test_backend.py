@@ -1,0 +1,44 @@
+"""Device selection and the errors for a missing CuPy or GPU."""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from minivit.backend import DeviceError, get_backend, get_xp, resolve_device, to_device, to_numpy
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.delenv("MINIVIT_DEVICE", raising=False)
+    assert resolve_device() == "cpu"
+    monkeypatch.setenv("MINIVIT_DEVICE", "gpu")
+    assert resolve_device() == "gpu"
+    assert resolve_device("cpu") == "cpu"        # the argument wins over the environment
+    monkeypatch.setenv("MINIVIT_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MINIVIT_DEVICE must be one of"):
+        resolve_device()
+    with pytest.raises(ValueError, match="device argument must be one of .* got 'npu'"):
+        resolve_device("npu")
+
+
+def test_gpu_without_cupy_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)   # makes `import cupy` raise ImportError
+    with pytest.raises(DeviceError, match=r"CuPy, which is not installed.*minivit\[cuda12\]"):
+        get_backend("gpu")
+
+
+def test_gpu_with_cupy_but_no_gpu(monkeypatch):
+    fake = types.ModuleType("cupy")
+    fake.is_available = lambda: False
+    fake.ndarray = type("ndarray", (), {})
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(DeviceError, match="CuPy is installed but no usable CUDA GPU"):
+        get_backend("gpu")
+
+
+def test_cpu_helpers_are_numpy():
+    x = np.ones(3)
+    assert get_xp(x) is np and get_backend("cpu") is np
+    tree = {"a": [x, None], "b": 3}
+    assert to_device(tree, "cpu")["b"] == 3
+    assert to_numpy(to_device(tree, "cpu"))["a"][0] is not None
