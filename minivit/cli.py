@@ -35,6 +35,194 @@ def cmd_gradcheck(args):
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# train / eval / predict / download
+
+def _train_config(args):
+    """TrainConfig from parsed flags (None where a flag was not given: per-data-set defaults apply)."""
+    from minivit.train import TrainConfig
+    over = {k: getattr(args, k) for k in ("width", "depth", "heads", "mlp_dim", "patch_size", "pooling", "gelu",
+                                           "dropout", "attn_dropout", "drop_path") if getattr(args, k) is not None}
+    keys = [f for f in TrainConfig.__dataclass_fields__ if f != "model_overrides"]
+    kw = {k: getattr(args, k) for k in keys if hasattr(args, k) and getattr(args, k) is not None}
+    return TrainConfig(model_overrides=over, **kw)
+
+
+def _setup_runtime(args):
+    if getattr(args, "threads", None):
+        from minivit.threads import set_threads
+        set_threads(args.threads)
+    from minivit.backend import get_backend
+    get_backend(args.device)          # fails early, with the install hint, if the GPU is asked for but unusable
+
+
+def _run_training(args, **kw):
+    from minivit.train import TrainingInterrupted, train
+    _setup_runtime(args)
+    try:
+        result = train(_train_config(args) if not args.resume or args.epochs else None, resume=args.resume,
+                       progress=not args.quiet, **kw)
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    last = result.history[-1] if result.history else {}
+    print(f"done: {result.steps} updates in {result.seconds:.1f} s; test accuracy {result.test_accuracy:.4f} "
+          f"(best {result.best_accuracy:.4f}); train accuracy {last.get('train_acc', float('nan')):.4f}")
+    print(f"run folder: {result.run_dir} (last.npz, best.npz, log.jsonl, config.json)")
+    return 0
+
+
+def cmd_train(args):
+    """Train a ViT (default: the embedded shapes data set and a small model that trains in minutes)."""
+    return _run_training(args)
+
+
+def _load_any(path, device=None):
+    """(params, cfg, meta) from a minivit checkpoint or, via minivit.pretrained, an original .npz/.safetensors."""
+    from minivit.checkpoint import CheckpointError, load_checkpoint
+    try:
+        return load_checkpoint(path, device=device)
+    except CheckpointError as e:
+        if "not a minivit checkpoint" not in str(e):
+            raise
+    from minivit.backend import to_device
+    from minivit.pretrained import load_pretrained
+    params, cfg = load_pretrained(path)
+    return to_device(params, device), cfg, {"data": {"normalize": "minus_one_one"}}
+
+
+def _at_image_size(params, cfg, size, method):
+    if not size or tuple(cfg.image_hw) == (size, size):
+        return params, cfg
+    from minivit.finetune import resize_model
+    return resize_model(params, cfg, size, method)
+
+
+def cmd_eval(args):
+    """Accuracy and a per-class confusion summary of a checkpoint on a data set's test split."""
+    from minivit.data import load_dataset
+    from minivit.train import evaluate, normalizer_from_meta
+    _setup_runtime(args)
+    params, cfg, meta = _load_any(args.checkpoint, args.device)
+    params, cfg = _at_image_size(params, cfg, args.image_size, args.resample)
+    data_meta = meta.get("data", {})
+    name = args.dataset or data_meta.get("dataset") or "shapes"
+    opts = {"n_train": args.n_train or 20000, "n_test": args.n_test or 2000} if name == "shapes" else {}
+    ds = load_dataset(name, data_dir=args.data_dir, image_size=cfg.image_hw[0], **opts)
+    if ds.num_classes != cfg.num_classes:
+        raise ValueError(f"{name} has {ds.num_classes} classes but the checkpoint's head has {cfg.num_classes}")
+    ev = evaluate(params, cfg, ds.test_images, ds.test_labels, normalizer_from_meta(data_meta), args.batch_size)
+    conf = ev["confusion"]
+    print(f"{args.checkpoint} on {name} test split ({len(ds.test_labels)} images, {cfg.image_hw[0]}x"
+          f"{cfg.image_hw[1]}): accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}\n")
+    width = max(len(c) for c in ds.classes)
+    print(f"{'class':<{width}}  {'images':>6}  {'accuracy':>8}  most often mistaken for")
+    for k, cname in enumerate(ds.classes):
+        row = conf[k].copy()
+        total = int(row.sum())
+        acc = row[k] / total if total else float("nan")
+        row[k] = 0
+        worst = int(row.argmax())
+        mistake = f"{ds.classes[worst]} ({row[worst]})" if row[worst] else "-"
+        print(f"{cname:<{width}}  {total:>6}  {acc:>8.4f}  {mistake}")
+    return 0
+
+
+def cmd_predict(args):
+    """Top-k classes with probabilities for image files."""
+    from minivit.inference import predict_files
+    from minivit.train import normalizer_from_meta
+    _setup_runtime(args)
+    params, cfg, meta = _load_any(args.checkpoint, args.device)
+    params, cfg = _at_image_size(params, cfg, args.image_size, args.resample)
+    data_meta = meta.get("data", {})
+    classes = data_meta.get("classes")
+    if args.labels:
+        classes = [line.strip() for line in open(args.labels, encoding="utf-8") if line.strip()]
+    for path, top in predict_files(params, cfg, args.images, normalizer_from_meta(data_meta), classes, args.top_k):
+        print(path)
+        for name, p in top:
+            print(f"  {p:7.2%}  {name}")
+    return 0
+
+
+def cmd_download(args):
+    """Fetch an official data set archive and verify its pinned SHA-256."""
+    from minivit.data import download
+    folder = download(args.name, data_dir=args.data_dir, progress=not args.quiet)
+    print(f"{args.name}: verified files in {folder}")
+    return 0
+
+
+def add_model_args(p):
+    g = p.add_argument_group("model (a named config plus overrides)")
+    g.add_argument("--model", default=None, help="named config: shapes-small, mnist-tiny, cifar-small, vit-ti16, "
+                                                 "vit-s16, vit-b16, ... (default: per data set)")
+    for flag, typ, what in [("--width", int, "D"), ("--depth", int, "blocks"), ("--heads", int, "nh"),
+                            ("--mlp-dim", int, "M"), ("--patch-size", int, "P"),
+                            ("--dropout", float, "dropout after embeddings and dense layers"),
+                            ("--attn-dropout", float, "dropout on attention probabilities"),
+                            ("--drop-path", float, "stochastic depth rate of the last block")]:
+        g.add_argument(flag, type=typ, default=None, help=what)
+    g.add_argument("--pooling", choices=["token", "gap"], default=None)
+    g.add_argument("--gelu", choices=["tanh", "exact"], default=None)
+    g.add_argument("--image-size", type=int, default=None, help="input size (data resized to it)")
+
+
+def add_data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None,
+                   help="shapes (embedded, default), mnist, fashion-mnist, cifar10, cifar100, or folder:PATH")
+    g.add_argument("--data-dir", default=None, help="where data sets live (default: data/ in a source checkout, "
+                                                    "else ~/.cache/minivit; or $MINIVIT_DATA)")
+    g.add_argument("--n-train", type=int, default=None, help="shapes: training images (default 20000)")
+    g.add_argument("--n-test", type=int, default=None, help="shapes: test images (default 2000)")
+
+
+def add_runtime_args(p):
+    p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: $MINIVIT_DEVICE or cpu")
+    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own choice)")
+
+
+def add_optim_args(p, sgd_default=False):
+    g = p.add_argument_group("optimization (None: per-data-set default, see README)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many updates")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--accum-steps", type=int, default=None, help="micro-batches accumulated per update")
+    g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the decay")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    g.add_argument("--beta1", type=float, default=None)
+    g.add_argument("--beta2", type=float, default=None)
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None)
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup updates (default 5%% of all)")
+    g.add_argument("--label-smoothing", type=float, default=None)
+    g.add_argument("--clip-norm", type=float, default=None, help="global-norm gradient clipping (0: off)")
+    a = p.add_argument_group("augmentation")
+    a.add_argument("--augment", choices=["default", "none"], default=None,
+                   help="the data set's default policy (see README) or none")
+    a.add_argument("--crop-pad", type=int, default=None, help="pad-and-random-crop pixels")
+    a.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip")
+    a.add_argument("--rotate-deg", type=float, default=None, help="random affine: max rotation")
+    a.add_argument("--shift", type=float, default=None, help="random affine: max shift in pixels")
+    a.add_argument("--scale", type=float, default=None, help="random affine: max |scale - 1|")
+    a.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
+    a.add_argument("--normalize", choices=["minus_one_one", "mean_std"], default=None,
+                   help="pixels to [-1, 1] (original ViT) or per-data-set mean/std")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
+    r.add_argument("--save-every", type=int, default=None, help="also save last.npz every N updates")
+    r.add_argument("--out", default=None, help="run folder (default runs/<data set>-<time>)")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run exactly where it stopped (its saved settings are used; --epochs may "
+                        "extend it)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="minivit", description="The Vision Transformer from scratch in NumPy/CuPy.",
@@ -59,6 +247,57 @@ def build_parser():
     p.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="array backend (default: $MINIVIT_DEVICE or cpu)")
     p.set_defaults(func=cmd_gradcheck)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train", help="train a ViT (default: the embedded shapes data set, a few minutes on a CPU)",
+                       description="Train a ViT with AdamW, warmup + cosine decay, label smoothing and clipping. "
+                                   "Progress bars per epoch, test evaluation every epoch, run folder with "
+                                   "config.json, log.jsonl (one JSON line per epoch), last.npz and best.npz "
+                                   "(written atomically). Ctrl-C saves last.npz and exits; --resume RUN_DIR "
+                                   "continues exactly (bit-identical on the CPU with the same --threads).")
+    add_data_args(p)
+    add_model_args(p)
+    add_optim_args(p)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy and per-class confusion of a checkpoint",
+                       description="Evaluate a checkpoint on a data set's test split (default: the data set it "
+                                   "was trained on) and print accuracy, loss and a per-class summary.",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint", help="a minivit checkpoint (.npz), or original ViT .npz / timm .safetensors")
+    add_data_args(p)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="evaluate at another input size (position embeddings resampled on load)")
+    p.add_argument("--resample", choices=["linear", "bilinear", "bicubic"], default="linear")
+    p.add_argument("--batch-size", type=int, default=500)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes for image files",
+                       description="Classify image files of any size and format Pillow reads. Each image is "
+                                   "converted to the model's channels and resized as a whole (no crop, aspect "
+                                   "ratio not kept) to the model's input size with Pillow's bilinear filter, "
+                                   "then normalized as the checkpoint's training data were.",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint", help="a minivit checkpoint (.npz), or original ViT .npz / timm .safetensors")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--labels", default=None, help="text file with one class name per line")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="run at another input size (position embeddings resampled)")
+    p.add_argument("--resample", choices=["linear", "bilinear", "bicubic"], default="linear")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("download", help="fetch and verify an official data set",
+                       description="Download the official archives of a data set into DATA_DIR/NAME/ and check "
+                                   "them against SHA-256 values pinned in minivit (a mismatch is refused).",
+                       formatter_class=fmt)
+    p.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10", "cifar100"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_download)
     return parser
 
 
@@ -69,6 +308,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"minivit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,45 @@
+"""Running a trained model on image files.
+
+Resize policy (also in `minivit predict --help`): every image is converted to the model's channels (RGB, or
+gray 'L' for 1-channel models) and resized as a whole to the model's input size with Pillow's bilinear filter
+(antialiased when shrinking), without cropping and without keeping the aspect ratio, as the original ViT
+evaluation pipeline resizes straight to the crop size. Pixels are then normalized as the checkpoint's training
+data were (default: to [-1, 1]).
+"""
+from pathlib import Path
+
+import numpy as np
+
+from minivit.model import predict
+
+
+def load_image_files(paths, image_hw, channels):
+    """Image files -> uint8 (N, H, W, C), each resized to `image_hw` as described above."""
+    from PIL import Image, UnidentifiedImageError
+    H, W = image_hw
+    out = np.empty((len(paths), H, W, channels), dtype=np.uint8)              # (N, H, W, C)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                im = im.resize((W, H), Image.BILINEAR, reducing_gap=None)
+                a = np.asarray(im)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        out[i] = a.reshape(H, W, channels)
+    return out
+
+
+def predict_files(params, cfg, paths, normalize_fn, classes=None, top_k=5):
+    """-> [(path, [(class name, probability), ... top_k])] for image files."""
+    images = load_image_files(paths, cfg.image_hw, cfg.channels)
+    probs = predict(params, cfg, normalize_fn(images).astype(params["pos_embed"].dtype, copy=False))  # (N, K)
+    k = min(top_k, probs.shape[1])
+    names = classes if classes and len(classes) == probs.shape[1] else [str(i) for i in range(probs.shape[1])]
+    results = []
+    for path, p in zip(paths, probs):
+        top = np.argsort(-p, kind="stable")[:k]
+        results.append((str(Path(path)), [(names[j], float(p[j])) for j in top]))
+    return results

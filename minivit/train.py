@@ -1,0 +1,467 @@
+"""The training loop: data, augmentation, AdamW (or SGD), schedule, clipping, evaluation, checkpoints, exact resume.
+
+    result = train(TrainConfig(dataset="shapes", epochs=10))      # what `minivit train` calls
+    result.params, result.cfg, result.history, result.run_dir
+
+Reproducibility: every random draw of the run comes from a generator derived from the run seed and counters,
+    shuffle of epoch e:            np.random.default_rng([seed, 0, e])
+    augmentation (and mixup) of update t:  np.random.default_rng([seed, 1, t])
+    dropout of micro-batch m of update t:  np.random.default_rng([seed, 2, t, m])
+so (seed, epoch, batch within the epoch, update count) is the complete random state. A checkpoint stores those
+counters; resuming from it (also mid-epoch) replays exactly the batches, augmentations and masks an uninterrupted
+run would have drawn, and on the CPU with the same thread count ends with bit-identical weights.
+"""
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from minivit.backend import get_backend, resolve_device, to_numpy
+from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minivit.config import get_config
+from minivit.loss import cross_entropy_backward, cross_entropy_forward
+from minivit.model import init_params, vit_backward, vit_forward
+from minivit.layers import linear_backward
+from minivit.optim import (OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at, optimizer_init, optimizer_step,
+                           state_from_flat)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved; `.path` is where, resume with --resume RUN_DIR."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
+# Per-data-set defaults (documented in the README): the model config and the recipe that trains it well on a
+# 2-core CPU in minutes.
+DATASET_DEFAULTS = {
+    "shapes": dict(model="shapes-small", epochs=12, batch_size=128, lr=2e-3, weight_decay=0.05),
+    "mnist": dict(model="mnist-tiny", epochs=10, batch_size=128, lr=2e-3, weight_decay=0.05),
+    "fashion-mnist": dict(model="mnist-tiny", epochs=10, batch_size=128, lr=2e-3, weight_decay=0.05),
+    "cifar10": dict(model="cifar-small", epochs=30, batch_size=128, lr=1e-3, weight_decay=0.05),
+    "cifar100": dict(model="cifar-small", epochs=30, batch_size=128, lr=1e-3, weight_decay=0.05),
+    "folder": dict(model="cifar-small", epochs=30, batch_size=64, lr=1e-3, weight_decay=0.05),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the command line's flags, one to one). None = per-data-set default."""
+    dataset: str = "shapes"
+    data_dir: str = None
+    model: str = None                   # a name in minivit.config.CONFIGS
+    model_overrides: dict = field(default_factory=dict)   # e.g. {"width": 128, "depth": 6, "dropout": 0.1}
+    image_size: int = None              # None: the model config's (must match the data after resizing)
+    n_train: int = None                 # shapes only: training images to generate (default 20000)
+    n_test: int = None                  # shapes only: test images (default 2000)
+    epochs: int = None
+    max_steps: int = 0                  # > 0: stop after this many updates (the schedule still spans all epochs)
+    batch_size: int = None
+    accum_steps: int = 1                # micro-batches accumulated into one update (batch_size / accum_steps each)
+    optimizer: str = "adamw"
+    lr: float = None
+    min_lr: float = 0.0
+    weight_decay: float = None
+    momentum: float = 0.9               # SGD only
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = "cosine"
+    warmup_steps: int = None            # None: 5% of all updates
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0              # global-norm clipping (0 = off)
+    augment: str = "default"            # 'default' (per data set) or 'none'
+    crop_pad: int = None                # overrides of the augmentation (None = the default's)
+    flip: bool = None
+    rotate_deg: float = None
+    shift: float = None
+    scale: float = None
+    mixup: float = None
+    normalize: str = "minus_one_one"    # or 'mean_std'
+    freeze_backbone: bool = False       # train only the head (a linear probe)
+    seed: int = 0
+    eval_every: int = 1                 # epochs between evaluations on the test split
+    save_every: int = 0                 # > 0: also write last.npz every this many updates
+    out: str = None                     # run folder (default runs/<data set>-<time>)
+    device: str = None
+    eval_batch_size: int = 500
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_defaults(tc):
+    """Fill the None fields from the per-data-set defaults; validate. Returns a new TrainConfig."""
+    key = "folder" if tc.dataset.startswith("folder:") or os.sep in tc.dataset else tc.dataset
+    defaults = DATASET_DEFAULTS.get(key, DATASET_DEFAULTS["folder"])
+    d = tc.to_dict()
+    for k, v in defaults.items():
+        if d[k] is None:
+            d[k] = v
+    if d["warmup_steps"] is not None and d["warmup_steps"] < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {d['warmup_steps']}")
+    for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
+        if not isinstance(d[name], int) or d[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, got {d[name]!r}")
+    if d["batch_size"] % d["accum_steps"]:
+        raise ValueError(f"batch_size {d['batch_size']} is not divisible by accum_steps {d['accum_steps']}")
+    if d["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {d['optimizer']!r}")
+    if d["schedule"] not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {d['schedule']!r}")
+    if not d["lr"] > 0:
+        raise ValueError(f"lr must be positive, got {d['lr']!r}")
+    if d["augment"] not in ("default", "none"):
+        raise ValueError(f"augment must be 'default' or 'none', got {d['augment']!r}")
+    return TrainConfig(**d)
+
+
+def make_augment(tc):
+    """The Augment policy of a run: the data set's default (or none) with the run's overrides."""
+    from minivit.data import Augment, default_augment
+    try:
+        base = default_augment(tc.dataset) if tc.augment == "default" else Augment()
+    except ValueError:
+        base = Augment()
+    over = {"crop_pad": tc.crop_pad, "flip": tc.flip, "rotate_deg": tc.rotate_deg, "shift": tc.shift,
+            "scale": tc.scale, "mixup_alpha": tc.mixup}
+    return Augment(**{**asdict(base), **{k: v for k, v in over.items() if v is not None}})
+
+
+def load_data(tc, image_size):
+    """The Dataset of a run, resized to the model's input size."""
+    from minivit.data import load_dataset
+    opts = {}
+    if tc.dataset == "shapes":
+        opts = {"n_train": tc.n_train or 20000, "n_test": tc.n_test or 2000}
+    return load_dataset(tc.dataset, data_dir=tc.data_dir, image_size=image_size, **opts)
+
+
+def data_normalizer(tc, ds):
+    """(normalize function uint8 -> float32, its description for the checkpoint)."""
+    from minivit.data import dataset_stats, normalize
+    if tc.normalize == "mean_std":
+        mean, std = dataset_stats(ds.name, ds.train_images)
+        mean, std = [float(v) for v in np.ravel(mean)], [float(v) for v in np.ravel(std)]
+        return (lambda x: normalize(x, "mean_std", mean, std)), {"normalize": "mean_std", "mean": mean, "std": std}
+    if tc.normalize != "minus_one_one":
+        raise ValueError(f"normalize must be 'minus_one_one' or 'mean_std', got {tc.normalize!r}")
+    return (lambda x: normalize(x, "minus_one_one")), {"normalize": "minus_one_one", "mean": None, "std": None}
+
+
+def normalizer_from_meta(data_meta):
+    """The normalize function a checkpoint's `data` entry describes (default: pixels to [-1, 1])."""
+    from minivit.data import normalize
+    data_meta = data_meta or {}
+    if data_meta.get("normalize") == "mean_std":
+        return lambda x: normalize(x, "mean_std", data_meta["mean"], data_meta["std"])
+    return lambda x: normalize(x, "minus_one_one")
+
+
+def evaluate(params, cfg, images, labels, normalize_fn, batch_size=500, num_classes=None):
+    """Accuracy, mean loss and the confusion matrix (K, K) of `params` on uint8 images (evaluation mode)."""
+    xp = get_backend(_device_of(params))
+    K = num_classes or cfg.num_classes
+    confusion = np.zeros((K, K), dtype=np.int64)
+    total_loss = 0.0
+    for i in range(0, len(images), batch_size):
+        x = xp.asarray(normalize_fn(images[i:i + batch_size]), dtype=params["pos_embed"].dtype)
+        y = labels[i:i + batch_size]
+        logits, _ = vit_forward(params, x, cfg)
+        loss, _ = cross_entropy_forward(logits, y)
+        total_loss += float(loss) * len(y)
+        pred = to_numpy(logits.argmax(axis=1))
+        np.add.at(confusion, (y, pred), 1)
+    n = max(1, len(images))
+    return {"accuracy": float(np.trace(confusion)) / n, "loss": total_loss / n, "confusion": confusion}
+
+
+def _device_of(params):
+    from minivit.backend import get_xp
+    return "cpu" if get_xp(params["pos_embed"]) is np else "gpu"
+
+
+def resolve_model(tc, ds=None, cfg=None):
+    """The ViTConfig of a run: `cfg` if given, else the named config with the data's classes and channels."""
+    if cfg is None:
+        cfg = get_config(tc.model, **tc.model_overrides)
+        if ds is not None:
+            cfg = cfg.replace(num_classes=ds.num_classes, channels=ds.image_shape[2])
+    if tc.image_size:
+        cfg = cfg.replace(image_size=tc.image_size)
+    return cfg
+
+
+def loss_and_grads(params, cfg, x, targets, tc, step, freeze_backbone=False):
+    """Forward + loss + backward of one update, accumulated over tc.accum_steps micro-batches.
+
+    Returns (mean loss, grads, logits). Each micro-batch's loss gradient is scaled by micro/B, so the sum of the
+    micro-batch gradients is the gradient of the mean loss over the whole batch.
+    """
+    B = x.shape[0]
+    micro = B // tc.accum_steps
+    xp = get_backend(_device_of(params))
+    total_loss, grads, all_logits = 0.0, None, []
+    for m in range(tc.accum_steps):
+        sl = slice(m * micro, (m + 1) * micro)
+        rng = np.random.default_rng([tc.seed, 2, step, m])
+        logits, cache = vit_forward(params, x[sl], cfg, train=not freeze_backbone, rng=rng)
+        loss, ce_cache = cross_entropy_forward(logits, targets[sl], tc.label_smoothing)
+        dlogits = cross_entropy_backward(ce_cache, micro / B)                 # (micro, K)
+        if freeze_backbone:
+            g = head_backward(dlogits, cache)                                  # only the head learns
+        else:
+            _, g = vit_backward(dlogits, cache)
+        if grads is None:
+            grads = g
+        else:
+            from minivit.tree import flatten
+            for acc, new in zip(flatten(grads).values(), flatten(g).values()):
+                acc += new
+        total_loss += float(loss) * micro / B
+        all_logits.append(logits)
+    return total_loss, grads, xp.concatenate(all_logits)
+
+
+def head_backward(dlogits, cache):
+    """dlogits: (B, K) -> grads {head: {w, b}} only: the backward of a linear probe (frozen backbone)."""
+    _, dw, db = linear_backward(dlogits, cache["head"])   # fwd: logits = pooled @ head_w + head_b
+    return {"head": {"w": dw, "b": db}}
+
+
+@dataclass
+class TrainResult:
+    params: dict
+    cfg: object
+    history: list
+    run_dir: Path
+    test_accuracy: float
+    best_accuracy: float
+    steps: int
+    seconds: float
+
+
+def _default_run_dir(tc):
+    name = tc.dataset.replace("folder:", "folder-").replace(os.sep, "_").strip("_")
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag that the loop checks between updates (never mid-update); a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:      # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print, data=None, meta_extra=None,
+          on_step=None):
+    """Train a ViT as `tc` says; returns a TrainResult.
+
+    params/cfg: start from these weights (fine-tuning) instead of a fresh init_params(cfg, seed).
+    resume: a run folder (or a checkpoint file) to continue exactly where it stopped; its saved settings are used
+        (tc may only raise `epochs`).
+    data: an already loaded Dataset (else tc.dataset is loaded).
+    on_step: called as on_step(step, loss, params) after every update (lessons draw curves with it).
+    """
+    opt_flat, start = None, {"step": 0, "epoch": 0, "batch": 0}
+    best, history = -1.0, []
+    if resume is not None:
+        ckpt = Path(resume)
+        ckpt = ckpt / "last.npz" if ckpt.is_dir() else ckpt
+        params, cfg, meta, opt_flat = load_checkpoint(ckpt, device=(tc.device if tc else None),
+                                                      with_optimizer=True)
+        if "train" not in meta or opt_flat is None:
+            raise CheckpointError(f"{ckpt} has no training state to resume (a weights-only checkpoint?)")
+        saved = TrainConfig.from_dict(meta["train"])
+        if tc is not None and tc.epochs and tc.epochs > saved.epochs:
+            saved.epochs = tc.epochs
+        if tc is not None and tc.device:
+            saved.device = tc.device
+        saved.max_steps = tc.max_steps if tc is not None else 0   # a resumed run goes on to the end by default
+        tc = saved
+        start = meta["progress"]
+        best = meta.get("metrics", {}).get("best_accuracy", -1.0)
+        run_dir = ckpt.parent
+        log_path = run_dir / "log.jsonl"
+        if log_path.exists():
+            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            history = [h for h in history if h.get("step", 0) <= start["step"]]
+    tc = resolve_defaults(tc or TrainConfig())
+    device = resolve_device(tc.device)
+    xp = get_backend(device)
+    ds = data if data is not None else load_data(tc, None)
+    cfg = resolve_model(tc, ds, cfg)
+    if ds.image_shape[:2] != cfg.image_hw:
+        from minivit.data import resize_images
+        H, W = cfg.image_hw
+        if H != W:
+            raise ValueError(f"data are {ds.image_shape[0]}x{ds.image_shape[1]} and the model needs {H}x{W}")
+        ds.train_images, ds.test_images = resize_images(ds.train_images, H), resize_images(ds.test_images, H)
+    if ds.image_shape[2] != cfg.channels:
+        raise ValueError(f"the data have {ds.image_shape[2]} channel(s) but the model expects {cfg.channels}")
+    if ds.num_classes != cfg.num_classes:
+        raise ValueError(f"the data have {ds.num_classes} classes but the model's head has {cfg.num_classes}; "
+                         f"fine-tune with a new head (--new-head / --num-classes)")
+    if params is None:
+        params = init_params(cfg, seed=tc.seed, device=device)
+    else:
+        params = {k: v for k, v in params.items()}  # a new top-level dict; arrays are updated in place
+        from minivit.backend import to_device
+        params = to_device(to_numpy(params), device)
+    trainable = {"head": params["head"]} if tc.freeze_backbone else params
+    opt_state = state_from_flat(opt_flat, trainable) if opt_flat else optimizer_init(trainable, tc.optimizer)
+    normalize_fn, data_meta = data_normalizer(tc, ds)
+    data_meta.update({"dataset": ds.name, "classes": list(ds.classes), "image_size": list(cfg.image_hw)})
+    aug = make_augment(tc)
+
+    n = len(ds.train_images)
+    steps_per_epoch = n // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {n} images, fewer than one batch of {tc.batch_size}")
+    total_steps = tc.epochs * steps_per_epoch
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else int(0.05 * total_steps)
+    run_dir = Path(tc.out) if tc.out else (run_dir if resume is not None else _default_run_dir(tc))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from minivit.fileio import atomic_write_json
+    atomic_write_json(run_dir / "config.json", {"train": tc.to_dict(), "model": cfg.to_dict(), "data": data_meta})
+    log_path = run_dir / "log.jsonl"
+    if resume is None and log_path.exists():
+        log_path.unlink()
+
+    step, epoch, batch = start["step"], start["epoch"], start["batch"]
+    last_good = {"path": None, "step": None}
+
+    def save(name, metrics=None):
+        meta = {"train": tc.to_dict(), "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed},
+                "data": data_meta, "metrics": dict(metrics or {}, best_accuracy=best)}
+        meta.update(meta_extra or {})
+        path = run_dir / f"{name}.npz"
+        save_checkpoint(path, params, cfg, opt_state, meta)
+        if name == "last":
+            last_good.update(path=str(path), step=step)
+        return path
+
+    def record(entry):
+        history.append(entry)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    if progress:
+        from tqdm import tqdm
+    t_start = time.perf_counter()
+    test_acc = history[-1]["test_acc"] if history and "test_acc" in history[-1] else float("nan")
+    with _StopFlag() as stop:
+        while epoch < tc.epochs:
+            order = np.random.default_rng([tc.seed, 0, epoch]).permutation(n)   # (n,) shuffle of this epoch
+            bar = tqdm(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                       leave=True, dynamic_ncols=True, disable=not progress) if progress else None
+            seen = correct = 0
+            loss_sum = 0.0
+            t_epoch = time.perf_counter()
+            while batch < steps_per_epoch:
+                if stop.requested:
+                    path = save("last")
+                    if bar:
+                        bar.close()
+                    raise TrainingInterrupted(
+                        f"interrupted at update {step} (epoch {epoch + 1}, batch {batch}); saved {path}; "
+                        f"resume with: minivit train --resume {run_dir}", path)
+                if tc.max_steps and step >= tc.max_steps:
+                    break
+                idx = order[batch * tc.batch_size:(batch + 1) * tc.batch_size]            # (B,)
+                rng = np.random.default_rng([tc.seed, 1, step])
+                x = normalize_fn(augment_batch(ds.train_images[idx], aug, rng))            # (B, H, W, C) float32
+                y = ds.train_labels[idx]                                                   # (B,) int64, host
+                targets = y
+                if aug.mixup_alpha > 0:
+                    x, targets = mixup(x, y, aug.mixup_alpha, rng, cfg.num_classes)       # soft (B, K)
+                x = xp.asarray(x, dtype=params["pos_embed"].dtype)
+                targets = xp.asarray(targets) if getattr(targets, "ndim", 1) == 2 else targets
+                loss, grads, logits = loss_and_grads(params, cfg, x, targets, tc, step, tc.freeze_backbone)
+                if not math.isfinite(loss):
+                    where = (f"the last good checkpoint is {last_good['path']} (update {last_good['step']})"
+                             if last_good["path"] else "no checkpoint was written yet")
+                    raise TrainingError(f"the loss became {loss} at update {step + 1} (epoch {epoch + 1}, batch "
+                                        f"{batch + 1}); {where}. Try a lower --lr or --clip-norm 1.")
+                gnorm = clip_by_global_norm(grads, tc.clip_norm)
+                lr = lr_at(step + 1, tc.lr, total_steps, warmup, tc.schedule, tc.min_lr)
+                optimizer_step(trainable, grads, opt_state, lr, kind=tc.optimizer, beta1=tc.beta1, beta2=tc.beta2,
+                               weight_decay=tc.weight_decay, momentum=tc.momentum)
+                step += 1
+                batch += 1
+                pred = to_numpy(logits.argmax(axis=1))
+                correct += int((pred == y).sum())
+                seen += len(y)
+                loss_sum += loss * len(y)
+                if on_step is not None:
+                    on_step(step, loss, params)
+                if tc.save_every and step % tc.save_every == 0:
+                    save("last")
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
+            if bar:
+                bar.close()
+            finished = batch >= steps_per_epoch
+            entry = {"epoch": epoch + 1, "step": step, "lr": lr_at(max(step, 1), tc.lr, total_steps, warmup,
+                                                                     tc.schedule, tc.min_lr),
+                     "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                     "grad_norm": float(gnorm) if seen else None,
+                     "images_per_s": seen / max(time.perf_counter() - t_epoch, 1e-9),
+                     "time": time.perf_counter() - t_start}
+            last_epoch = epoch + 1 == tc.epochs or (tc.max_steps and step >= tc.max_steps)
+            if (epoch + 1) % tc.eval_every == 0 or last_epoch:
+                ev = evaluate(params, cfg, ds.test_images, ds.test_labels, normalize_fn, tc.eval_batch_size)
+                test_acc = ev["accuracy"]
+                entry.update(test_loss=ev["loss"], test_acc=test_acc)
+                if log:
+                    log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f} | "
+                        f"test loss {ev['loss']:.4f} acc {test_acc:.4f} | {entry['images_per_s']:.0f} img/s")
+            if finished:
+                epoch, batch = epoch + 1, 0
+            record(entry)
+            if "test_acc" in entry and entry["test_acc"] > best:
+                best = entry["test_acc"]
+                save("best", {"test_accuracy": entry["test_acc"]})
+            save("last", {"test_accuracy": entry.get("test_acc")})
+            if tc.max_steps and step >= tc.max_steps:
+                break
+    seconds = time.perf_counter() - t_start
+    return TrainResult(params, cfg, history, run_dir, test_acc, best, step, seconds)
+
+
+from minivit.data.transforms import augment_batch, mixup  # noqa: E402  (data is imported lazily above)

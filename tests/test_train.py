@@ -1,0 +1,126 @@
+"""The training loop: overfitting, exact resume (also after Ctrl-C mid-epoch), NaN and checkpoint errors."""
+import os
+import signal
+import zipfile
+
+import numpy as np
+import pytest
+
+from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minivit.config import get_config
+from minivit.data.dataset import Dataset
+from minivit.model import init_params
+from minivit.train import TrainConfig, TrainingError, TrainingInterrupted, train
+from minivit.tree import flatten
+
+
+def tiny_data(n=32, k=4, seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    y = np.arange(n) % k
+    return Dataset("tiny", x, y, x.copy(), y.copy(), classes=[f"c{i}" for i in range(k)])
+
+
+def tiny_config(tmp_path, **kw):
+    base = dict(dataset="tiny", model="test", epochs=3, batch_size=8, lr=3e-3, weight_decay=0.0,
+                label_smoothing=0.0, augment="none", out=str(tmp_path / "run"), warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_tiny_model_overfits_32_images(tmp_path):
+    tc = tiny_config(tmp_path, epochs=60, batch_size=16, lr=5e-3, model_overrides={"width": 24, "heads": 3,
+                                                                                     "mlp_dim": 48})
+    result = train(tc, data=tiny_data(), progress=False, log=None)
+    assert result.history[-1]["test_acc"] == 1.0          # the "test" split is the training set here
+    assert result.history[-1]["train_loss"] < 0.2
+    for name in ("last.npz", "best.npz", "log.jsonl", "config.json"):
+        assert (result.run_dir / name).exists()
+
+
+def final_params(run_dir):
+    params, _, _ = load_checkpoint(run_dir / "last.npz")
+    return flatten(params)
+
+
+def test_resume_after_max_steps_is_bit_identical(tmp_path):
+    data = tiny_data(n=40)
+    full = train(tiny_config(tmp_path / "a", model_overrides={"dropout": 0.1, "drop_path": 0.1}, crop_pad=1,
+                             augment="default", flip=True),
+                 data=tiny_data(n=40), progress=False, log=None)
+    cut = tiny_config(tmp_path / "b", model_overrides={"dropout": 0.1, "drop_path": 0.1}, crop_pad=1,
+                      augment="default", flip=True, max_steps=7)       # 5 updates per epoch: stops mid-epoch 2
+    part = train(cut, data=data, progress=False, log=None)
+    assert part.steps == 7
+    resumed = train(None, resume=part.run_dir, data=tiny_data(n=40), progress=False, log=None)
+    assert resumed.steps == full.steps == 15
+    a, b = final_params(full.run_dir), final_params(resumed.run_dir)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_and_resume_is_bit_identical(tmp_path):
+    full = train(tiny_config(tmp_path / "a"), data=tiny_data(), progress=False, log=None)
+
+    def interrupt(step, loss, params):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)              # what Ctrl-C does
+
+    with pytest.raises(TrainingInterrupted, match="resume with: minivit train --resume") as e:
+        train(tiny_config(tmp_path / "b"), data=tiny_data(), progress=False, log=None, on_step=interrupt)
+    _, _, meta = load_checkpoint(e.value.path)
+    assert meta["progress"] == {"step": 6, "epoch": 1, "batch": 2, "seed": 0}
+    resumed = train(None, resume=tmp_path / "b" / "run", data=tiny_data(), progress=False, log=None)
+    a, b = final_params(full.run_dir), final_params(resumed.run_dir)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
+    def poison(step, loss, params):
+        if step == 5:
+            params["head"]["w"][...] = np.nan
+
+    with pytest.raises(TrainingError, match=r"loss became nan at update 6 .* last good checkpoint is .*last.npz "
+                                            r"\(update 4\)"):
+        train(tiny_config(tmp_path), data=tiny_data(), progress=False, log=None, on_step=poison)
+    params, _, _ = load_checkpoint(tmp_path / "run" / "last.npz")   # the saved checkpoint is intact
+    assert np.isfinite(params["head"]["w"]).all()
+
+
+def test_checkpoint_errors(tmp_path):
+    cfg = get_config("test")
+    path = tmp_path / "ck.npz"
+    save_checkpoint(path, init_params(cfg), cfg)
+    params, cfg2, meta = load_checkpoint(path)
+    assert cfg2 == cfg and meta["format"] == "minivit-checkpoint"
+    with pytest.raises(CheckpointError, match="different model .*width: checkpoint 12 vs expected 24"):
+        load_checkpoint(path, expect_cfg=cfg.replace(width=24))
+    data = path.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.npz is truncated or corrupt"):
+        load_checkpoint(tmp_path / "trunc.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(CheckpointError, match="junk.npz is truncated or corrupt"):
+        load_checkpoint(tmp_path / "junk.npz")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.npz")
+    with zipfile.ZipFile(tmp_path / "other.npz", "w") as z:     # a valid npz that is not ours
+        z.writestr("x.npy", b"")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "other.npz")
+
+
+def test_resume_into_a_different_model_is_refused(tmp_path):
+    result = train(tiny_config(tmp_path, epochs=1), data=tiny_data(), progress=False, log=None)
+    with pytest.raises(ValueError, match="4 classes but the model's head has 7"):
+        params, cfg, _ = load_checkpoint(result.run_dir / "last.npz")
+        train(tiny_config(tmp_path / "x"), params=params, cfg=cfg.replace(num_classes=7), data=tiny_data(),
+              progress=False, log=None)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    a = train(tiny_config(tmp_path / "a", epochs=1, batch_size=16), data=tiny_data(), progress=False, log=None)
+    b = train(tiny_config(tmp_path / "b", epochs=1, batch_size=16, accum_steps=4), data=tiny_data(),
+              progress=False, log=None)
+    pa, pb = final_params(a.run_dir), final_params(b.run_dir)
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=2e-4, atol=2e-5, err_msg=k)
