@@ -322,7 +322,10 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     tc = resolve_defaults(tc or TrainConfig())
     device = resolve_device(tc.device)
     xp = get_backend(device)
-    ds = data if data is not None else load_data(tc, None)
+    if data is None:   # load at the model's input size (shapes is drawn at 64 and reduced, never enlarged)
+        size = tc.image_size or (cfg.image_hw[0] if cfg is not None else get_config(tc.model).image_hw[0])
+        data = load_data(tc, size)
+    ds = data
     cfg = resolve_model(tc, ds, cfg)
     if ds.image_shape[:2] != cfg.image_hw:
         from minivit.data import resize_images
