@@ -178,6 +178,39 @@ def cmd_finetune(args):
                          meta_extra={"finetuned_from": str(args.from_), "resample": args.resample})
 
 
+def cmd_inspect(args):
+    """The paper's analysis figures for a checkpoint, as PNG files."""
+    from pathlib import Path
+    from minivit.figures import ANALYSES, inspect_model
+    from minivit.train import normalizer_from_meta
+    _setup_runtime(args)
+    params, cfg, meta = _load_any(args.checkpoint, args.device)
+    data_meta = meta.get("data", {})
+    if args.image:
+        from minivit.inference import load_image_files
+        images = load_image_files(args.image, cfg.image_hw, cfg.channels)
+        source = f"{len(images)} image file(s)"
+    else:
+        from minivit.data import load_dataset
+        name = args.dataset or data_meta.get("dataset") or "shapes"
+        opts = {"n_train": args.n_train or 20000, "n_test": args.n_test or 2000} if name == "shapes" else {}
+        ds = load_dataset(name, data_dir=args.data_dir, image_size=cfg.image_hw[0], **opts)
+        images = ds.test_images[:args.num_images]
+        source = f"the first {len(images)} test images of {name}"
+    analyses = ANALYSES if not args.only else [a.strip() for a in args.only.split(",")]
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "inspect"
+    results = inspect_model(params, cfg, images, normalizer_from_meta(data_meta), out, analyses)
+    print(f"{args.checkpoint}: {cfg.depth} layers, {cfg.heads} heads, grid {cfg.grid[0]}x{cfg.grid[1]}; "
+          f"attention from {source}")
+    for name, (path, numbers) in results.items():
+        extra = ""
+        if name == "distance":
+            d = numbers["distance"]
+            extra = "  (mean distance per layer: " + ", ".join(f"{v:.1f}" for v in np.nanmean(d, axis=1)) + " px)"
+        print(f"  {name:<9} {path}{extra}")
+    return 0
+
+
 def cmd_download(args):
     """Fetch an official data set archive and verify its pinned SHA-256."""
     from minivit.data import download
@@ -342,6 +375,24 @@ def build_parser():
     add_optim_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("inspect", help="draw the paper's analysis figures (attention, position embeddings, filters)",
+                       description="Write PNG images of what a trained ViT learned (the paper's figures 6-7): "
+                                   "embedding_filters.png (PCA of the patch-embedding filters), "
+                                   "pos_embed_similarity.png (cosine similarity of position embeddings), "
+                                   "attention_distance.png (mean attention distance per head vs depth), "
+                                   "rollout.png (attention rollout overlaid on the inputs), attention_maps.png "
+                                   "(class-token attention per layer and head).",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint")
+    p.add_argument("--image", nargs="+", default=None, metavar="FILE",
+                   help="image files to analyse (default: test images of the checkpoint's data set)")
+    p.add_argument("--num-images", type=int, default=128, help="test images used when no --image is given")
+    p.add_argument("--only", default=None, help="comma-separated subset of: filters,posemb,distance,rollout,maps")
+    p.add_argument("--out", default=None, help="output folder (default: inspect/ beside the checkpoint)")
+    add_data_args(p)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("download", help="fetch and verify an official data set",
                        description="Download the official archives of a data set into DATA_DIR/NAME/ and check "
