@@ -11,6 +11,8 @@
                               are derived from (seed, epoch, step), so these counters are the complete RNG state
         data                 {"dataset", "classes", "normalize", "mean", "std", "image_size"}: how to feed it
         metrics              the latest evaluation (test accuracy, ...)
+        task                 "classification", or "mpp" for masked patch prediction pre-training
+        extra_params         top-level parameter names beyond the ViT's own (a task's, e.g. mask_token)
 
 Files are written atomically (temporary file in the same folder, then rename), so an interrupted save never
 damages the previous checkpoint.
@@ -41,7 +43,9 @@ def save_checkpoint(path, params, cfg, opt_state=None, meta=None):
     if opt_state is not None:
         arrays.update({f"opt.{k}": to_numpy(v) for k, v in state_to_flat(opt_state).items()})
     info = dict(meta or {})
-    info.update({"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict()})
+    from minivit.config import param_shapes
+    extra = [k for k in params if k not in param_shapes(cfg)]     # parameters beyond the ViT's own
+    info.update({"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(), "extra_params": extra})
     arrays["meta"] = np.array(json.dumps(info))
     atomic_save_npz(path, arrays)
 
@@ -81,8 +85,9 @@ def load_checkpoint(path, device=None, with_optimizer=False, expect_cfg=None):
                 for k in ViTConfig.__dataclass_fields__ if getattr(cfg, k) != getattr(expect_cfg, k)]
         raise CheckpointError(f"checkpoint {path} is for a different model ({'; '.join(diff)})")
     params = unflatten({k[len("params."):]: v for k, v in arrays.items() if k.startswith("params.")})
+    extra = meta.get("extra_params", [])         # a task's own parameters (e.g. masked patch prediction's)
     try:
-        check_params(params, cfg)
+        check_params({k: v for k, v in params.items() if k not in extra}, cfg)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     params = to_device(params, device)

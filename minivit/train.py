@@ -244,6 +244,30 @@ def head_backward(dlogits, cache):
     return {"head": {"w": dw, "b": db}}
 
 
+class ClassificationTask:
+    """What `train` optimizes: the supervised classification loss. Other objectives (masked patch prediction,
+    minivit.mpp) provide the same four members, and the loop (batches, schedule, checkpoints, resume) is shared.
+
+        name                                   stored in the checkpoint's meta["task"]
+        prepare(params, cfg, seed) -> params   add the task's own parameters (none here)
+        loss_and_grads(params, cfg, x, y, tc, step, soft_targets=None) -> (loss, grads, correct, counted)
+        evaluate(params, cfg, images, labels, normalize_fn, batch_size) -> {"accuracy", "loss", ...}
+    """
+    name = "classification"
+
+    def prepare(self, params, cfg, seed):
+        return params
+
+    def loss_and_grads(self, params, cfg, x, y, tc, step, soft_targets=None):
+        targets = y if soft_targets is None else soft_targets                  # (B,) labels or (B, K) mixup
+        loss, grads, logits = loss_and_grads(params, cfg, x, targets, tc, step, tc.freeze_backbone)
+        pred = to_numpy(logits.argmax(axis=1))
+        return loss, grads, int((pred == y).sum()), len(y)
+
+    def evaluate(self, params, cfg, images, labels, normalize_fn, batch_size):
+        return evaluate(params, cfg, images, labels, normalize_fn, batch_size)
+
+
 @dataclass
 class TrainResult:
     params: dict
@@ -287,7 +311,7 @@ class _StopFlag:
 
 
 def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print, data=None, meta_extra=None,
-          on_step=None):
+          on_step=None, task=None):
     """Train a ViT as `tc` says; returns a TrainResult.
 
     params/cfg: start from these weights (fine-tuning) instead of a fresh init_params(cfg, seed).
@@ -295,7 +319,9 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         (tc may only raise `epochs`).
     data: an already loaded Dataset (else tc.dataset is loaded).
     on_step: called as on_step(step, loss, params) after every update (lessons draw curves with it).
+    task: what is optimized (default ClassificationTask(); see minivit.mpp for masked patch prediction).
     """
+    task = task or ClassificationTask()
     opt_flat, start = None, {"step": 0, "epoch": 0, "batch": 0}
     best, history = -1.0, []
     if resume is not None:
@@ -335,15 +361,14 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         ds.train_images, ds.test_images = resize_images(ds.train_images, H), resize_images(ds.test_images, H)
     if ds.image_shape[2] != cfg.channels:
         raise ValueError(f"the data have {ds.image_shape[2]} channel(s) but the model expects {cfg.channels}")
-    if ds.num_classes != cfg.num_classes:
+    if ds.num_classes != cfg.num_classes and task.name == "classification":
         raise ValueError(f"the data have {ds.num_classes} classes but the model's head has {cfg.num_classes}; "
                          f"fine-tune with a new head (--new-head / --num-classes)")
     if params is None:
-        params = init_params(cfg, seed=tc.seed, device=device)
-    else:
-        params = {k: v for k, v in params.items()}  # a new top-level dict; arrays are updated in place
+        params = task.prepare(init_params(cfg, seed=tc.seed, device=device), cfg, tc.seed)
+    elif resume is None:
         from minivit.backend import to_device
-        params = to_device(to_numpy(params), device)
+        params = task.prepare(to_device(to_numpy(params), device), cfg, tc.seed)
     trainable = {"head": params["head"]} if tc.freeze_backbone else params
     opt_state = state_from_flat(opt_flat, trainable) if opt_flat else optimizer_init(trainable, tc.optimizer)
     normalize_fn, data_meta = data_normalizer(tc, ds)
@@ -368,7 +393,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     last_good = {"path": None, "step": None}
 
     def save(name, metrics=None):
-        meta = {"train": tc.to_dict(), "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed},
+        meta = {"task": task.name, "train": tc.to_dict(), "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed},
                 "data": data_meta, "metrics": dict(metrics or {}, best_accuracy=best)}
         meta.update(meta_extra or {})
         path = run_dir / f"{name}.npz"
@@ -391,7 +416,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
             order = np.random.default_rng([tc.seed, 0, epoch]).permutation(n)   # (n,) shuffle of this epoch
             bar = tqdm(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        leave=True, dynamic_ncols=True, disable=not progress) if progress else None
-            seen = correct = 0
+            seen = correct = counted = 0
             loss_sum = 0.0
             t_epoch = time.perf_counter()
             while batch < steps_per_epoch:
@@ -408,12 +433,12 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                 rng = np.random.default_rng([tc.seed, 1, step])
                 x = normalize_fn(augment_batch(ds.train_images[idx], aug, rng))            # (B, H, W, C) float32
                 y = ds.train_labels[idx]                                                   # (B,) int64, host
-                targets = y
+                soft = None
                 if aug.mixup_alpha > 0:
-                    x, targets = mixup(x, y, aug.mixup_alpha, rng, cfg.num_classes)       # soft (B, K)
+                    x, soft = mixup(x, y, aug.mixup_alpha, rng, cfg.num_classes)          # soft (B, K)
+                    soft = xp.asarray(soft)
                 x = xp.asarray(x, dtype=params["pos_embed"].dtype)
-                targets = xp.asarray(targets) if getattr(targets, "ndim", 1) == 2 else targets
-                loss, grads, logits = loss_and_grads(params, cfg, x, targets, tc, step, tc.freeze_backbone)
+                loss, grads, n_correct, n_counted = task.loss_and_grads(params, cfg, x, y, tc, step, soft)
                 if not math.isfinite(loss):
                     where = (f"the last good checkpoint is {last_good['path']} (update {last_good['step']})"
                              if last_good["path"] else "no checkpoint was written yet")
@@ -425,8 +450,8 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                                weight_decay=tc.weight_decay, momentum=tc.momentum)
                 step += 1
                 batch += 1
-                pred = to_numpy(logits.argmax(axis=1))
-                correct += int((pred == y).sum())
+                correct += n_correct
+                counted += n_counted
                 seen += len(y)
                 loss_sum += loss * len(y)
                 if on_step is not None:
@@ -435,20 +460,20 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                     save("last")
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}",
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / max(counted, 1):.3f}", lr=f"{lr:.2e}",
                                     img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
             if bar:
                 bar.close()
             finished = batch >= steps_per_epoch
             entry = {"epoch": epoch + 1, "step": step, "lr": lr_at(max(step, 1), tc.lr, total_steps, warmup,
                                                                      tc.schedule, tc.min_lr),
-                     "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                     "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(counted, 1),
                      "grad_norm": float(gnorm) if seen else None,
                      "images_per_s": seen / max(time.perf_counter() - t_epoch, 1e-9),
                      "time": time.perf_counter() - t_start}
             last_epoch = epoch + 1 == tc.epochs or (tc.max_steps and step >= tc.max_steps)
             if (epoch + 1) % tc.eval_every == 0 or last_epoch:
-                ev = evaluate(params, cfg, ds.test_images, ds.test_labels, normalize_fn, tc.eval_batch_size)
+                ev = task.evaluate(params, cfg, ds.test_images, ds.test_labels, normalize_fn, tc.eval_batch_size)
                 test_acc = ev["accuracy"]
                 entry.update(test_loss=ev["loss"], test_acc=test_acc)
                 if log:
