@@ -366,9 +366,11 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                          f"fine-tune with a new head (--new-head / --num-classes)")
     if params is None:
         params = task.prepare(init_params(cfg, seed=tc.seed, device=device), cfg, tc.seed)
-    elif resume is None:
+    elif resume is None:       # a private copy: training updates arrays in place, the caller's stay as they were
         from minivit.backend import to_device
-        params = task.prepare(to_device(to_numpy(params), device), cfg, tc.seed)
+        from minivit.tree import tree_map
+        params = task.prepare(tree_map(lambda a: xp.array(a, copy=True), to_device(to_numpy(params), device)),
+                              cfg, tc.seed)
     trainable = {"head": params["head"]} if tc.freeze_backbone else params
     opt_state = state_from_flat(opt_flat, trainable) if opt_flat else optimizer_init(trainable, tc.optimizer)
     normalize_fn, data_meta = data_normalizer(tc, ds)

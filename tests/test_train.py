@@ -124,3 +124,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     pa, pb = final_params(a.run_dir), final_params(b.run_dir)
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=2e-4, atol=2e-5, err_msg=k)
+
+
+def test_training_from_given_params_leaves_them_untouched(tmp_path):
+    cfg = get_config("test", num_classes=4)
+    params = init_params(cfg, seed=0)
+    before = {k: v.copy() for k, v in flatten(params).items()}
+    train(tiny_config(tmp_path, epochs=1), params=params, cfg=cfg, data=tiny_data(), progress=False, log=None)
+    assert all(np.array_equal(before[k], v) for k, v in flatten(params).items())
