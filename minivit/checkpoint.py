@@ -33,7 +33,17 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: missing, truncated, corrupt, or for another model."""
+    """A checkpoint file that cannot be used: missing, truncated, corrupt, or for another model.
+
+    `path` names the file; `missing` and `unexpected` list the keys at fault (for the original-layout loaders in
+    minivit.pretrained; empty when the problem is of another kind).
+    """
+
+    def __init__(self, message, path=None, missing=(), unexpected=()):
+        super().__init__(message)
+        self.path = path
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
 
 
 def save_checkpoint(path, params, cfg, opt_state=None, meta=None):

@@ -78,17 +78,29 @@ def cmd_train(args):
 
 
 def _load_any(path, device=None):
-    """(params, cfg, meta) from a minivit checkpoint or, via minivit.pretrained, an original .npz/.safetensors."""
-    from minivit.checkpoint import CheckpointError, load_checkpoint
-    try:
-        return load_checkpoint(path, device=device)
-    except CheckpointError as e:
-        if "not a minivit checkpoint" not in str(e):
-            raise
+    """(params, cfg, meta) from a minivit checkpoint, an original ViT .npz or a timm .safetensors file.
+
+    A minivit checkpoint is an .npz with a 'meta' entry; any other .npz is read in the original ViT layout
+    (minivit.pretrained), whose weights expect pixels in [-1, 1].
+    """
     from minivit.backend import to_device
-    from minivit.pretrained import load_pretrained
-    params, cfg = load_pretrained(path)
-    return to_device(params, device), cfg, {"data": {"normalize": "minus_one_one"}}
+    from minivit.checkpoint import load_checkpoint
+    from minivit.pretrained import checkpoint_format, load_pretrained
+    if checkpoint_format(path) == "npz" and "meta" in read_npz_keys(path):
+        return load_checkpoint(path, device=device)
+    loaded = load_pretrained(path)
+    return to_device(loaded.params, device), loaded.cfg, {"data": {"normalize": "minus_one_one"},
+                                                          "source": str(path)}
+
+
+def read_npz_keys(path):
+    """The entry names of an .npz archive, without reading the arrays."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {n[:-4] if n.endswith(".npy") else n for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return set()
 
 
 def _at_image_size(params, cfg, size, method):
@@ -138,7 +150,8 @@ def cmd_predict(args):
     data_meta = meta.get("data", {})
     classes = data_meta.get("classes")
     if args.labels:
-        classes = [line.strip() for line in open(args.labels, encoding="utf-8") if line.strip()]
+        from minivit.inference import read_labels
+        classes = read_labels(args.labels, cfg.num_classes)
     for path, top in predict_files(params, cfg, args.images, normalizer_from_meta(data_meta), classes, args.top_k):
         print(path)
         for name, p in top:

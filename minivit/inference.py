@@ -43,3 +43,20 @@ def predict_files(params, cfg, paths, normalize_fn, classes=None, top_k=5):
         top = np.argsort(-p, kind="stable")[:k]
         results.append((str(Path(path)), [(names[j], float(p[j])) for j in top]))
     return results
+
+
+def read_labels(path, num_classes=None):
+    """A text file with one class name per line -> list of names (line i is class i).
+
+    Surrounding whitespace is stripped and trailing empty lines dropped; an empty line inside the list, or a count
+    different from `num_classes` (when given), raises ValueError naming the file.
+    """
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f]
+    while names and not names[-1]:
+        names.pop()
+    if "" in names:
+        raise ValueError(f"{path}: line {names.index('') + 1} is empty (one class name per line)")
+    if num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{path}: {len(names)} labels, but the model has {num_classes} classes")
+    return names
