@@ -115,8 +115,77 @@ def check_09(r):
     assert not math.isfinite(r["clip"]["unclipped_final"]) and r["clip"]["clipped_final"] < 1e-3
 
 
+def check_10(r):
+    assert abs(r["first_loss"] - math.log(10)) < 1e-5                # zero head: uniform predictions, loss log K
+    assert np.mean(r["losses"][-5:]) < np.mean(r["losses"][:5])      # quick mode: the loss went down
+    assert r["steps"] == len(r["losses"]) == 2 * (400 // 32)         # 2 epochs of 12 batches, one on_step each
+    assert r["n_params"] == 114_698
+    h = r["history"]
+    assert [e["epoch"] for e in h] == [1, 2] and h[-1]["test_acc"] == r["test_accuracy"]
+    conf = r["confusion"]
+    assert conf.shape == (10, 10) and conf.sum() == 200 and np.trace(conf) / 200 == r["test_accuracy"]
+    assert Path(r["checkpoint"]).is_file() and Path(r["checkpoint"]).parent == Path(r["run_dir"])
+
+
+def check_11(r):
+    assert r["pos_shapes"] == ((1, 17, 64), (1, 37, 64))              # 4x4 grid + class token -> 6x6 + class token
+    assert r["cls_token_kept"] is True and r["others_shared"] is True and r["corner_max_diff"] < 1e-6
+    for m, R in r["R"].items():
+        assert R.shape == (6, 4) and np.allclose(R.sum(axis=1), 1.0), m
+    assert np.array_equal(r["R"]["linear"][0], [1, 0, 0, 0]) and np.array_equal(r["R"]["linear"][-1], [0, 0, 0, 1])
+    assert abs(r["zero_head_probs"] - 0.1) < 1e-7 and abs(r["zero_head_loss"] - math.log(10)) < 1e-5
+    assert set(r["zero_shot_48"]) == {"linear", "bilinear", "bicubic", "none"}
+    assert set(r["finetuned"]) == {48, 32} and all(0 <= a <= 1 for a in r["finetuned"].values())
+
+
+def check_12(r):
+    assert r["filters_orthonormal_error"] < 1e-10
+    assert r["similarity_diag_error"] < 1e-6
+    assert r["rollout_row_sum_error"] < 1e-6 and 0 < r["rollout_cls_self"] < 1
+    assert abs(r["rollout_cls_self"] + r["rollout_patch_share"] - 1) < 1e-6   # row 0 of R: class token + patches
+    d = r["distance"]
+    assert abs(r["max_distance"] - 8 * math.sqrt(18)) < 1e-12           # 4x4 grid of 8 px patches
+    assert d.shape == (3, 4) and d.min() >= 0 and d.max() <= r["max_distance"]
+    assert len(r["explained_variance"]) == 28 and np.all(np.diff(r["explained_variance"]) <= 1e-12)
+    assert sorted(Path(p).name for p in r["png"]) == ["12_attention_distance.png", "12_attention_maps.png",
+                                                     "12_embedding_filters.png", "12_pos_embed_similarity.png",
+                                                     "12_rollout.png"]
+
+
+def check_13(r):
+    assert abs(r["rates"]["mask"] - 0.8) < 0.02 and abs(r["rates"]["random"] - 0.1) < 0.02
+    assert abs(r["rates"]["keep"] - 0.1) < 0.02
+    lo, hi = r["target_range"]
+    assert 0 <= lo <= hi < 512
+    assert max(r["probe_vs_lstsq"].values()) < 1e-8                 # the probe is the closed-form ridge solution
+    assert np.mean(r["mpp_losses"][-5:]) < np.mean(r["mpp_losses"][:5])
+    assert set(r["fewshot"]) == {"random init", "MPP pre-trained"}  # lesson 10 did not run in this folder
+    for table in r["fewshot"].values():
+        assert set(table) == {1, 5} and all(0 <= a <= 1 for a in table.values())
+
+
+def check_14(r):
+    assert r["cupy_importers"] == ["backend.py"] and r["get_xp_modules"] >= 5
+    assert all(s > 0 for s in r["cpu_seconds"].values())
+    if r["gpu"]:
+        assert r["gpu_rel_diff"] < 1e-4
+    else:
+        assert isinstance(r["reason"], str) and r["reason"]         # says why the GPU part did not run
+
+
+def check_15(r):
+    assert r["real_file"] is False and r["n_rows"] == 44             # 4 + 12 per block * 3 + 2 + 2
+    assert r["cfg"]["patch_size"] == 8 and r["cfg"]["width"] == 64 and r["cfg"]["heads"] == 4
+    assert r["cfg"]["depth"] == 3 and r["cfg"]["gelu"] == "tanh"
+    assert r["param_max_diff"] == 0 and r["logits_max_diff"] == 0     # the hand-written layout loads exactly
+    assert r["export_max_diff"] == 0 and r["reload_max_diff"] == 0    # export / load round trip, bit for bit
+    assert r["conv_max_diff"] < 1e-4 and r["prefix_ignored"] == ["opt/state/step"]
+    assert 0 <= r["top_class"] < 10 and 0 < r["top_prob"] <= 1
+
+
 CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06,
-          "07": check_07, "08": check_08, "09": check_09}
+          "07": check_07, "08": check_08, "09": check_09, "10": check_10, "11": check_11, "12": check_12,
+          "13": check_13, "14": check_14, "15": check_15}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +224,6 @@ def test_lesson_imports_only_minivit_numpy_pillow_and_the_standard_library(path)
             assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
 
 
-def test_lessons_1_to_9_are_present():
+def test_lessons_1_to_15_are_present():
     numbers = {p.name[:2] for p in FILES}
     assert set(CHECKS) <= numbers
