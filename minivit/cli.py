@@ -112,15 +112,13 @@ def _at_image_size(params, cfg, size, method):
 
 def cmd_eval(args):
     """Accuracy and a per-class confusion summary of a checkpoint on a data set's test split."""
-    from minivit.data import load_dataset
-    from minivit.train import evaluate, normalizer_from_meta
+    from minivit.train import dataset_for_checkpoint, evaluate, normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     params, cfg = _at_image_size(params, cfg, args.image_size, args.resample)
     data_meta = meta.get("data", {})
-    name = args.dataset or data_meta.get("dataset") or "shapes"
-    opts = {"n_train": args.n_train or 20000, "n_test": args.n_test or 2000} if name == "shapes" else {}
-    ds = load_dataset(name, data_dir=args.data_dir, image_size=cfg.image_hw[0], **opts)
+    ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train, args.n_test)
+    name = ds.name
     if ds.num_classes != cfg.num_classes:
         raise ValueError(f"{name} has {ds.num_classes} classes but the checkpoint's head has {cfg.num_classes}")
     ev = evaluate(params, cfg, ds.test_images, ds.test_labels, normalizer_from_meta(data_meta), args.batch_size)
@@ -175,10 +173,9 @@ def cmd_finetune(args):
             setattr(args, k, v)
     if args.normalize is None and data_meta.get("normalize"):
         args.normalize = data_meta["normalize"]
-    from minivit.data import load_dataset
+    from minivit.train import dataset_for_checkpoint
     size = args.image_size or cfg.image_hw[0]
-    opts = {"n_train": args.n_train or 20000, "n_test": args.n_test or 2000} if args.dataset == "shapes" else {}
-    ds = load_dataset(args.dataset, data_dir=args.data_dir, image_size=size, **opts)
+    ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, size, args.n_train, args.n_test)
     num_classes = args.num_classes or ds.num_classes
     if num_classes != ds.num_classes:
         raise ValueError(f"--num-classes {num_classes} but {args.dataset} has {ds.num_classes} classes")
@@ -204,12 +201,11 @@ def cmd_inspect(args):
         images = load_image_files(args.image, cfg.image_hw, cfg.channels)
         source = f"{len(images)} image file(s)"
     else:
-        from minivit.data import load_dataset
-        name = args.dataset or data_meta.get("dataset") or "shapes"
-        opts = {"n_train": args.n_train or 20000, "n_test": args.n_test or 2000} if name == "shapes" else {}
-        ds = load_dataset(name, data_dir=args.data_dir, image_size=cfg.image_hw[0], **opts)
+        from minivit.train import dataset_for_checkpoint
+        ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train,
+                                    args.n_test)
         images = ds.test_images[:args.num_images]
-        source = f"the first {len(images)} test images of {name}"
+        source = f"the first {len(images)} test images of {ds.name}"
     analyses = ANALYSES if not args.only else [a.strip() for a in args.only.split(",")]
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "inspect"
     results = inspect_model(params, cfg, images, normalizer_from_meta(data_meta), out, analyses)
@@ -221,6 +217,43 @@ def cmd_inspect(args):
             d = numbers["distance"]
             extra = "  (mean distance per layer: " + ", ".join(f"{v:.1f}" for v in np.nanmean(d, axis=1)) + " px)"
         print(f"  {name:<9} {path}{extra}")
+    return 0
+
+
+def cmd_pretrain_mpp(args):
+    """Masked patch prediction pre-training (the paper's section 4.6) with the training loop's machinery."""
+    from minivit.mpp import PRETRAIN_DEFAULTS, run_pretrain_mpp
+    from minivit.train import TrainingInterrupted
+    for k, v in PRETRAIN_DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    rates = tuple(float(r) for r in args.replace_rates.split(","))
+    _setup_runtime(args)
+    try:
+        result = run_pretrain_mpp(_train_config(args) if not args.resume or args.epochs else None, args.mask_rate,
+                                  rates, args.colour_bits, resume=args.resume, progress=not args.quiet)
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    print(f"done: {result.steps} updates in {result.seconds:.1f} s; colour accuracy on corrupted test patches "
+          f"{result.test_accuracy:.4f}")
+    print(f"run folder: {result.run_dir}; fine-tune it with: minivit finetune --from {result.run_dir}/last.npz")
+    return 0
+
+
+def cmd_fewshot(args):
+    """Few-shot linear evaluation of frozen features (closed-form regularized least squares, as big_vision)."""
+    from minivit.fewshot import fewshot_model, format_table
+    from minivit.train import dataset_for_checkpoint, normalizer_from_meta
+    _setup_runtime(args)
+    params, cfg, meta = _load_any(args.checkpoint, args.device)
+    data_meta = meta.get("data", {})
+    ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train, args.n_test)
+    shots = tuple(int(s) for s in args.shots.split(","))
+    rows = fewshot_model(params, cfg, ds, normalizer_from_meta(data_meta), shots, tuple(range(args.seeds)),
+                         args.l2, args.batch_size, args.representation)
+    print(format_table(rows, f"few-shot linear probe of {args.checkpoint} on {ds.name} ({args.representation} "
+                             f"features, l2 {args.l2:g}, {args.seeds} seeds; test split of {len(ds.test_labels)})"))
     return 0
 
 
@@ -406,6 +439,40 @@ def build_parser():
     add_data_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pretrain-mpp", help="self-supervised masked patch prediction pre-training",
+                       description="Masked patch prediction (the paper's section 4.6): corrupt 50%% of the patch "
+                                   "embeddings (80%% a learned [mask] embedding, 10%% another patch's, 10%% kept) "
+                                   "and predict each corrupted patch's 3-bit mean colour (512 classes) from its "
+                                   "final representation. Same loop as `train` (progress bars, log, atomic "
+                                   "checkpoints, --resume). `minivit finetune --from RUN/last.npz` fine-tunes "
+                                   "the result (the prediction head dropped, a zero classification head added).")
+    p.add_argument("--mask-rate", type=float, default=0.5, help="share of patches corrupted")
+    p.add_argument("--replace-rates", default="0.8,0.1,0.1",
+                   help="of the corrupted: mask embedding, random other patch, unchanged")
+    p.add_argument("--colour-bits", type=int, default=3, help="bits per channel of the target colour")
+    add_data_args(p)
+    add_model_args(p)
+    add_optim_args(p)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_pretrain_mpp)
+
+    p = sub.add_parser("fewshot", help="few-shot linear evaluation of a checkpoint's frozen features",
+                       description="Regularized least squares from frozen features (the class token after the "
+                                   "final norm, or the mean patch token) of n images per class to {-1, 1} "
+                                   "targets, solved in closed form as the authors' evaluator does (features "
+                                   "standardized on the shot set, a constant bias feature of 100, l2 = 2^10); "
+                                   "test-split accuracy averaged over seeds.",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint")
+    p.add_argument("--shots", default="1,5,10,25", help="comma-separated images per class")
+    p.add_argument("--seeds", type=int, default=3, help="shot draws averaged")
+    p.add_argument("--l2", type=float, default=2.0 ** 10)
+    p.add_argument("--representation", choices=["pooled", "patch_mean"], default="pooled")
+    p.add_argument("--batch-size", type=int, default=500)
+    add_data_args(p)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("download", help="fetch and verify an official data set",
                        description="Download the official archives of a data set into DATA_DIR/NAME/ and check "

@@ -58,7 +58,11 @@ def new_head(params, cfg, num_classes):
 
 def prepare_finetune(params, cfg, image_size=None, num_classes=None, method="linear", fresh_head=False, seed=0):
     """Resize the position embeddings (when image_size differs) and replace the head (when the classes change
-    or fresh_head). Returns (params, cfg) ready for `minivit.train.train(params=..., cfg=...)`."""
+    or fresh_head). Returns (params, cfg) ready for `minivit.train.train(params=..., cfg=...)`.
+    A masked patch prediction checkpoint loses its mask_token and mpp_head and gets a zero head (minivit.mpp)."""
+    if "mask_token" in params or "mpp_head" in params:
+        from minivit.mpp import strip_mpp
+        params, fresh_head = strip_mpp(params), True
     if image_size:
         params, cfg = resize_model(params, cfg, image_size, method, seed)
     if fresh_head or (num_classes is not None and num_classes != cfg.num_classes):

@@ -152,6 +152,15 @@ def load_data(tc, image_size):
     return load_dataset(tc.dataset, data_dir=tc.data_dir, image_size=image_size, **opts)
 
 
+def dataset_for_checkpoint(data_meta, dataset=None, data_dir=None, image_size=None, n_train=None, n_test=None):
+    """The Dataset to evaluate a checkpoint on: `dataset`, else the one its `data` meta names (else shapes), at
+    `image_size`; shapes with n_train / n_test images (default 20000 / 2000, the training default)."""
+    from minivit.data import load_dataset
+    name = dataset or (data_meta or {}).get("dataset") or "shapes"
+    opts = {"n_train": n_train or 20000, "n_test": n_test or 2000} if name == "shapes" else {}
+    return load_dataset(name, data_dir=data_dir, image_size=image_size, **opts)
+
+
 def data_normalizer(tc, ds):
     """(normalize function uint8 -> float32, its description for the checkpoint)."""
     from minivit.data import dataset_stats, normalize
@@ -321,7 +330,6 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     on_step: called as on_step(step, loss, params) after every update (lessons draw curves with it).
     task: what is optimized (default ClassificationTask(); see minivit.mpp for masked patch prediction).
     """
-    task = task or ClassificationTask()
     opt_flat, start = None, {"step": 0, "epoch": 0, "batch": 0}
     best, history = -1.0, []
     if resume is not None:
@@ -337,6 +345,10 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         if tc is not None and tc.device:
             saved.device = tc.device
         saved.max_steps = tc.max_steps if tc is not None else 0   # a resumed run goes on to the end by default
+        if task is None and meta.get("task") == "mpp":             # a masked patch prediction run goes on as one
+            from minivit.mpp import task_from_meta
+            task = task_from_meta(meta)
+            meta_extra = dict(meta_extra or {}, mpp=meta["mpp"])
         tc = saved
         start = meta["progress"]
         best = meta.get("metrics", {}).get("best_accuracy", -1.0)
@@ -345,6 +357,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         if log_path.exists():
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             history = [h for h in history if h.get("step", 0) <= start["step"]]
+    task = task or ClassificationTask()
     tc = resolve_defaults(tc or TrainConfig())
     device = resolve_device(tc.device)
     xp = get_backend(device)
