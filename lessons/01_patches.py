@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.config import ViTConfig
 from minivit.data.shapes import render_shapes
 from minivit.layers import patchify, unpatchify
-from minivit.plot import INK, save_png
+from minivit.plot import INK, font, save_png
 
 
 def patchify_naive(x, P):
@@ -48,17 +48,6 @@ def patchify_naive(x, P):
             tokens.append(patch.reshape(B, P * P * C))              # (B, P*P*C): rows, then columns, then channels
     return np.stack(tokens, axis=1)                                 # (B, Np, P*P*C)
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def draw_lesson(img, P, path):

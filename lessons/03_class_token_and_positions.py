@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.config import ViTConfig
 from minivit.data.shapes import render_shapes
 from minivit.layers import layernorm_forward, patch_embed_forward, patchify, tokens_forward, unpatchify
 from minivit.model import block_forward, init_params, vit_forward
-from minivit.plot import INK, line_plot, save_png
+from minivit.plot import INK, font, line_plot, save_png
 
 
 def encode(params, x, cfg):
@@ -53,17 +53,6 @@ def encode(params, x, cfg):
     z, _ = layernorm_forward(z, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)
     return z
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def rel_change(a, b):

@@ -38,13 +38,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.config import count_params, get_config
 from minivit.gradcheck import gradcheck_model
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
-from minivit.plot import INK, PALETTE, save_png
+from minivit.plot import INK, PALETTE, font, save_png
 from minivit.tree import same_structure
 
 ORIGINAL_COUNTS = {"vit-ti16": 5_717_416, "vit-s16": 22_050_664, "vit-b16": 86_567_656,   # the original
@@ -60,17 +60,6 @@ def count_by_formula(cfg):
             "attention": L * (4 * D * D + 4 * D), "MLP": L * (2 * D * M + M + D),
             "LayerNorms": L * 4 * D + 2 * D, "head": D * K + K}
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def draw_shares(parts, path):

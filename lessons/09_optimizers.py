@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.optim import clip_by_global_norm, lr_at, optimizer_init, optimizer_step
-from minivit.plot import AXIS, INK, PALETTE, line_plot, save_png
+from minivit.plot import AXIS, INK, PALETTE, font, line_plot, save_png
 
 
 def quadratic(p, k=50.0):
@@ -80,17 +80,6 @@ def run(f, start, kind, lr, steps, schedule="constant", warmup=0, wd=0.0, moment
         values.append(float(f(params["w"])[0][0]))
     return np.array(path), np.array(values)
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def nice_ticks(lo, hi):

@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.config import count_params
 from minivit.data import load_dataset, normalize
 from minivit.model import predict
-from minivit.plot import INK, heatmap, line_plot, save_png, tile_grid
+from minivit.plot import INK, font, heatmap, line_plot, save_png, tile_grid
 from minivit.train import TrainConfig, evaluate, train
 
 MODEL = dict(patch_size=8, width=64, depth=3, heads=4, mlp_dim=128)   # overrides of the 'shapes-small' config
@@ -83,17 +83,6 @@ def stacked(rows):
         y += r.height
     return canvas
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def caption(words, width, size=13, per_row=5):

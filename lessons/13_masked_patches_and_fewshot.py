@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.checkpoint import load_checkpoint
 from minivit.data import load_dataset, normalize
@@ -54,7 +54,7 @@ from minivit.fewshot import BIAS_CONSTANT, DEFAULT_L2, STD_EPS, extract_features
 from minivit.model import init_params
 from minivit.mpp import KEEP, MASK, RANDOM, corrupt_forward, draw_corruption, mean_colour_classes, num_corrupted, \
     run_pretrain_mpp, strip_mpp
-from minivit.plot import INK, line_plot, save_png
+from minivit.plot import INK, font, line_plot, save_png
 from minivit.train import TrainConfig
 
 MARK = {MASK: (30, 90, 230), RANDOM: (255, 150, 0), KEEP: (40, 180, 60)}     # border colours in the picture
@@ -85,17 +85,6 @@ def ridge_lstsq(X, y, K, l2):
     A = np.concatenate([Z, np.sqrt(l2) * np.eye(Z.shape[1])])                             # (n + F + 1, F + 1)
     return np.linalg.lstsq(A, np.concatenate([T, np.zeros((Z.shape[1], K))]), rcond=None)[0]
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def draw_corruption_picture(images, corruption, classes, P, path, s=6):

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from minivit.checkpoint import load_checkpoint
 from minivit.config import get_config
@@ -56,7 +56,7 @@ from minivit.data.shapes import CLASSES, render_shapes, resize_images
 from minivit.inference import read_labels
 from minivit.layers import patch_embed_forward
 from minivit.model import init_params, vit_forward
-from minivit.plot import INK, PALETTE, save_png
+from minivit.plot import INK, PALETTE, font, save_png
 from minivit.pretrained import export_npz, load_image, load_npz, npz_table, read_npz
 from minivit.tree import flatten
 
@@ -115,17 +115,6 @@ def show_table(cfg, block_rows=True):
         print(f"  {r.name:20s} <- {keys} {shapes} ({r.kind})")
     return rows
 
-
-def font(size):
-    """Pillow's built-in scalable font (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        pass
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
 
 
 def draw_prediction(x, probs, names, title, path, k=5):

@@ -171,6 +171,13 @@ def _font(size):
     return ImageFont.load_default(), max(1, round(size / 8))   # the bitmap font is about 11 px tall
 
 
+def font(size):
+    """A PIL font of about `size` pixels for drawing with ImageDraw.text: Pillow's scalable default font
+    (Pillow >= 10.1), else DejaVu Sans, else the small bitmap font (then `size` is not honoured)."""
+    f, factor = _font(size)
+    return f
+
+
 def _bbox(font, text):
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     try:
