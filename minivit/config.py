@@ -129,8 +129,8 @@ CONFIGS = {
                             width=64, depth=4, heads=4, mlp_dim=128),
     "cifar-small": ViTConfig(image_size=32, patch_size=4, channels=3, num_classes=10,
                              width=192, depth=6, heads=3, mlp_dim=768),
-    "shapes-small": ViTConfig(image_size=32, patch_size=4, channels=3, num_classes=10,
-                              width=96, depth=4, heads=4, mlp_dim=192),
+    "shapes-small": ViTConfig(image_size=32, patch_size=8, channels=3, num_classes=10,
+                              width=128, depth=4, heads=4, mlp_dim=256),
     # Small enough for a whole-model float64 gradient check in well under a second.
     "test": ViTConfig(image_size=8, patch_size=4, channels=3, num_classes=5,
                       width=12, depth=2, heads=3, mlp_dim=16),

@@ -15,23 +15,24 @@ Classes (label: name, what is drawn, in units of the shape's radius R):
     7 star      a five-pointed star
     8 arrow     a shaft with a triangular head
     9 pair      two equal dots side by side with a gap between them (an arrangement, not a single blob)
-Every class is unchanged by rotation and by mirroring, so flips and rotations are label-preserving augmentations.
+Mirroring leaves every class unchanged, so flips are label-preserving augmentations. Shapes stand nearly upright
+(+-15 degrees): a small ViT learns upright shapes in minutes, arbitrary rotations take it far longer.
 
 What varies, independently of the class:
     position    anywhere, with the whole shape inside the frame
-    size        R = 0.20-0.34 of the image width (a shape spans 40-75 % of it)
-    rotation    uniform in [0, 360) degrees; the shape is also stretched along one axis by up to +-12 %
+    size        R = 0.26-0.36 of the image width (a shape spans 50-75 % of it)
+    rotation    uniform in [-15, 15) degrees; the shape is also stretched along one axis by up to +-12 %
     colours     background: a gradient between two random colours plus smooth blotches; shape: one random colour
                 whose brightness differs from the background's by at least 70 (of 255), so it is always visible
-    clutter     2-6 thin strokes, arcs and specks behind the shape, 0-2 thin strokes across it, random colours
-    noise       Gaussian pixel noise with a random standard deviation of 0-12 (of 255)
+    clutter     0-2 thin strokes, arcs and specks behind the shape, in random colours
+    noise       Gaussian pixel noise with a random standard deviation of 0-6 (of 255)
 
 Why the mean colour says nothing about the class: every colour is drawn from a distribution that is symmetric
 under inversion (c -> 255 - c): uniform colours, zero-mean noise, and a contrast rule that only looks at the size of
 the brightness difference. So the inverted copy of any image is an equally likely image of the same class, and the
 average image of every class is the same flat mid-grey (127.5 in every pixel). A linear classifier on raw pixels
-can only use class averages and, up to sampling noise, those are all equal: it scores near chance (10 %). A model
-must find edges and put them together into a shape.
+then gives every class the same expected score, whatever its weights, and scores near chance (10 %). A model must
+find edges, whichever way round their colours are, and put them together into a shape.
 
 Rendering: each image is drawn SUPERSAMPLE = 3 times larger (192 x 192 for the stored 64 x 64) and reduced with a
 3 x 3 box filter, so edges are anti-aliased. The data set is generated once at 64 x 64 and cached in the data folder
@@ -59,14 +60,24 @@ from .dataset import Dataset
 from .paths import default_data_dir
 
 CLASSES = ["disc", "ring", "target", "crescent", "square", "triangle", "plus", "star", "arrow", "pair"]
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 STORED_SIZE = 64     # the cache holds 64 x 64 images; load_shapes resizes them to image_size
 SUPERSAMPLE = 3      # draw at 3 x the size, then reduce with a box filter (anti-aliasing)
 SPLITS = {"train": 0, "test": 1}   # the second word of every seed: train and test are disjoint streams
 
 _K = len(CLASSES)
 _LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601 brightness of an RGB colour
-_MIN_CONTRAST = 70.0                      # least brightness difference between the shape and its background
+# What varies, in one place (the module docstring explains each; change any of them -> bump GENERATOR_VERSION).
+_MIN_CONTRAST = 70.0        # least brightness difference between the shape and its background (of 255)
+_GRADIENT = 70.0            # the background gradient's far end differs by up to this much per channel
+_BLOTCH = 8.0               # standard deviation (at most) of the background's soft blotches
+_RADIUS = (0.26, 0.36)      # the shape's radius, in image widths
+_ROTATION = 15.0            # rotated by a uniform angle in [-15, 15) degrees
+_STRETCH = 0.12             # stretched along one axis by a factor up to exp(+-0.12)
+_CLUTTER_BEHIND = (0, 2)    # how many distractors behind the shape (inclusive range)
+_CLUTTER_FRONT = (0, 0)     # and thin strokes across it
+_STROKE = (0.8, 1.8)        # distractor stroke width, in pixels of a 64 x 64 image
+_NOISE = 6.0                # Gaussian pixel noise standard deviation (at most)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +143,7 @@ def _colours(rng):
     fg = cand[0]
     ok = np.abs((cand[1:] - fg) @ _LUMA) >= _MIN_CONTRAST
     bg0 = cand[1 + int(np.argmax(ok))] if ok.any() else 255.0 - fg   # 255 - fg: the mirror image, far enough
-    bg1 = np.clip(bg0 + rng.uniform(-70.0, 70.0, 3), 0.0, 255.0)    # the gradient's other end
+    bg1 = np.clip(bg0 + rng.uniform(-_GRADIENT, _GRADIENT, 3), 0.0, 255.0)    # the gradient's other end
     if abs((bg1 - fg) @ _LUMA) < _MIN_CONTRAST:
         bg1 = bg0
     return fg, bg0, bg1
@@ -145,7 +156,7 @@ def _background(rng, bg0, bg1, size):
     theta = rng.uniform(0.0, 2.0 * np.pi)
     t = 0.5 + np.cos(theta) * u[None, :] + np.sin(theta) * u[:, None]   # (g, g) position along the gradient
     field = bg0 + np.clip(t, 0.0, 1.0)[:, :, None] * (bg1 - bg0)       # (g, g, 3)
-    field = field + rng.normal(0.0, rng.uniform(0.0, 18.0), (g, g, 3))  # blotches
+    field = field + rng.normal(0.0, rng.uniform(0.0, _BLOTCH), (g, g, 3))  # blotches
     small = Image.fromarray(np.clip(np.rint(field), 0, 255).astype(np.uint8))
     return small.resize((size, size), Image.BICUBIC)
 
@@ -162,7 +173,7 @@ def _clutter(draw, rng, side, unit, front):
     kind = "stroke" if front else rng.choice(["stroke", "stroke", "arc", "speck"])
     x, y = rng.uniform(0.0, side, 2)
     colour = _random_colour(rng)
-    width = max(1, int(round(rng.uniform(0.8, 1.8) * unit)))
+    width = max(1, int(round(rng.uniform(*_STROKE) * unit)))
     if kind == "stroke":
         length, angle = rng.uniform(0.12, 0.45) * side, rng.uniform(0.0, 2.0 * np.pi)
         draw.line([x, y, x + length * math.cos(angle), y + length * math.sin(angle)], fill=colour, width=width)
@@ -183,12 +194,12 @@ def _render_one(rng, label, size):
     # end gives it back exactly)
     canvas = _background(rng, bg0, bg1, size).resize((side, side), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(2, 7)):              # clutter behind the shape
+    for _ in range(rng.integers(_CLUTTER_BEHIND[0], _CLUTTER_BEHIND[1] + 1)):              # clutter behind the shape
         _clutter(draw, rng, side, unit, front=False)
 
     # the shape: unit polygons -> stretch -> rotate -> scale to radius R -> move so it lies inside the frame
-    radius = rng.uniform(0.20, 0.34) * side
-    angle, stretch = rng.uniform(0.0, 2.0 * np.pi), math.exp(rng.uniform(-0.12, 0.12))
+    radius = rng.uniform(*_RADIUS) * side
+    angle, stretch = np.radians(rng.uniform(-_ROTATION, _ROTATION)), math.exp(rng.uniform(-_STRETCH, _STRETCH))
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     affine = radius * rot @ np.diag([stretch, 1.0 / stretch])            # (2, 2)
     polys = [(poly @ affine.T, fill) for poly, fill in _shape_polygons(label, rng)]   # (V, 2) each, about 0
@@ -203,11 +214,11 @@ def _render_one(rng, label, size):
         mdraw.polygon((poly + centre - [x0, y0]).ravel().tolist(), fill=fill)
     canvas.paste(tuple(int(round(c)) for c in fg), (x0, y0, x1, y1), mask)
 
-    for _ in range(rng.integers(0, 3)):              # thin strokes across the shape
+    for _ in range(rng.integers(_CLUTTER_FRONT[0], _CLUTTER_FRONT[1] + 1)):              # thin strokes across the shape
         _clutter(draw, rng, side, unit, front=True)
 
     img = np.array(canvas.reduce(SUPERSAMPLE), dtype=np.float32)          # (size, size, 3) box-filtered
-    img += rng.uniform(0.0, 12.0) * rng.standard_normal(img.shape, dtype=np.float32)
+    img += rng.uniform(0.0, _NOISE) * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
