@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit.threads import set_threads
+from minivit.backend import set_threads
 
 
 def main():

@@ -12,7 +12,7 @@ them from there.
 """
 import math
 
-from minivit.backend import get_xp
+from minivit.backend import get_xp, matmul
 from minivit.layers import (dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward,
                             softmax_forward)
 
@@ -20,20 +20,24 @@ ATTN_PROBS = 3   # index of A (B, nh, N, N) in the attention cache
 
 
 def attention_forward(x, p, heads, train=False, rng=None, attn_dropout=0.0, proj_dropout=0.0):
-    """x: (B, N, D), p: {qkv_w (D, 3D), qkv_b (3D,), proj_w (D, D), proj_b (D,)} -> (B, N, D)."""
+    """x: (B, N, D), p: {qkv_w (D, 3D), qkv_b (3D,), proj_w (D, D), proj_b (D,)} -> (B, N, D).
+
+    No head split or merge copies: q, k, v are strided views of the qkv output, and A v is written straight into
+    a (B, N, nh, hs) array, which is o (B, N, D) with its heads merged.
+    """
+    xp = get_xp(x)
     B, N, D = x.shape
     nh, hs = heads, D // heads
     qkv, qkv_cache = linear_forward(x, p["qkv_w"], p["qkv_b"])          # (B, N, 3D)
-    qkv = qkv.reshape(B, N, 3, nh, hs).transpose(2, 0, 3, 1, 4)         # (3, B, nh, N, hs)
-    q, k, v = qkv[0], qkv[1], qkv[2]                                    # (B, nh, N, hs) each
-    scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))           # (B, nh, N, N)
-    att, _ = softmax_forward(scores)                                    # (B, nh, N, N)
+    q, k, v = qkv.reshape(B, N, 3, nh, hs).transpose(2, 0, 3, 1, 4)     # (B, nh, N, hs) each (views)
+    scores = matmul(q, k.swapaxes(-1, -2))                              # (B, nh, N, N)  q k^T
+    att, att_cache = softmax_forward(scores, 1.0 / math.sqrt(hs), out=scores)   # softmax(q k^T / sqrt(hs)), in place
     att_d, drop_cache = dropout_forward(att, attn_dropout, train, rng)  # (B, nh, N, N)
-    o = att_d @ v                                                       # (B, nh, N, hs)
-    o = o.transpose(0, 2, 1, 3).reshape(B, N, D)                        # (B, N, D): heads merged
-    y, proj_cache = linear_forward(o, p["proj_w"], p["proj_b"])         # (B, N, D)
+    o = xp.empty((B, N, nh, hs), x.dtype)                               # (B, N, nh, hs): heads merged in memory
+    matmul(att_d, v, out=o.transpose(0, 2, 1, 3))                       # o[:, :, h] = A_h v_h
+    y, proj_cache = linear_forward(o.reshape(B, N, D), p["proj_w"], p["proj_b"])   # (B, N, D)
     y, proj_drop_cache = dropout_forward(y, proj_dropout, train, rng)
-    return y, (qkv_cache, (q, k, v), att_d, att, drop_cache, proj_cache, proj_drop_cache, heads)
+    return y, (qkv_cache, (q, k, v), att_d, att, drop_cache, proj_cache, proj_drop_cache, att_cache, heads)
 
 
 def attention_backward(dy, cache):
@@ -43,26 +47,25 @@ def attention_backward(dy, cache):
     A = softmax(s):          ds = A * (dA - sum_j dA * A)
     s = q k^T / sqrt(hs):    dq = ds k / sqrt(hs),  dk = ds^T q / sqrt(hs)
     """
-    qkv_cache, (q, k, v), att_d, att, drop_cache, proj_cache, proj_drop_cache, heads = cache
+    qkv_cache, (q, k, v), att_d, att, drop_cache, proj_cache, proj_drop_cache, att_cache, heads = cache
     xp = get_xp(dy)
     B, N, D = dy.shape
     nh, hs = heads, D // heads
     dy = dropout_backward(dy, proj_drop_cache)
     # fwd: y = o @ proj_w + proj_b
     do, dproj_w, dproj_b = linear_backward(dy, proj_cache)              # (B, N, D)
-    do = do.reshape(B, N, nh, hs).transpose(0, 2, 1, 3)                 # (B, nh, N, hs): heads split again
-    # fwd: o = att_d @ v
-    datt_d = do @ v.swapaxes(-1, -2)                                    # (B, nh, N, N)
-    dv = att_d.swapaxes(-1, -2) @ do                                    # (B, nh, N, hs)
-    # fwd: att_d = dropout(att); att = softmax(scores)
+    do = do.reshape(B, N, nh, hs).transpose(0, 2, 1, 3)                 # (B, nh, N, hs): heads split (a view)
+    # fwd: o = att_d @ v;  dq, dk, dv are written straight into dqkv, laid out as qkv
+    dqkv = xp.empty((B, N, 3, nh, hs), dy.dtype)                        # (B, N, 3, nh, hs) = (B, N, 3D)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                          # (B, nh, N, hs) each (views)
+    datt_d = matmul(do, v.swapaxes(-1, -2))                             # (B, nh, N, N)
+    matmul(att_d.swapaxes(-1, -2), do, out=dv)                          # dv = A^T do
+    # fwd: att_d = dropout(att); att = softmax(scores / sqrt(hs))
     datt = dropout_backward(datt_d, drop_cache)
-    dscores = softmax_backward(datt, (att,)) * (1.0 / math.sqrt(hs))   # (B, nh, N, N), scale folded in
-    # fwd: scores = q @ k^T / sqrt(hs)
-    dq = dscores @ k                                                    # (B, nh, N, hs)
-    dk = dscores.swapaxes(-1, -2) @ q                                   # (B, nh, N, hs)
-    # fwd: q, k, v = split(qkv)
-    dqkv = xp.stack([dq, dk, dv])                                       # (3, B, nh, N, hs)
-    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * D)           # (B, N, 3D)
+    dscores = softmax_backward(datt, att_cache)                         # (B, nh, N, N), 1/sqrt(hs) folded in
+    # fwd: scores = q @ k^T
+    matmul(dscores, k, out=dq)                                          # dq = ds k
+    matmul(dscores.swapaxes(-1, -2), q, out=dk)                         # dk = ds^T q
     # fwd: qkv = x @ qkv_w + qkv_b
-    dx, dqkv_w, dqkv_b = linear_backward(dqkv, qkv_cache)               # (B, N, D)
+    dx, dqkv_w, dqkv_b = linear_backward(dqkv.reshape(B, N, 3 * D), qkv_cache)   # (B, N, D)
     return dx, {"qkv_w": dqkv_w, "qkv_b": dqkv_b, "proj_w": dproj_w, "proj_b": dproj_b}

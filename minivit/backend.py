@@ -7,9 +7,17 @@ Device choice: an explicit `device="cpu"|"gpu"` argument (the command line's `--
 `MINIVIT_DEVICE` environment variable, else "cpu". Parameters are created on the host from a seeded NumPy
 generator and moved with `to_device`, so CPU and GPU runs start from identical weights; random masks (dropout,
 stochastic depth) are drawn on the host too, for the same reason.
+
+Speed lives here too, behind plain names the layers call: `tune_allocator` (keep freed memory in the process;
+call it at a program's entry point), `row_blocks` (an elementwise chain on cache-sized row blocks over a small
+thread pool), `matmul` (a product split over the threads), and `gpu_kernel` (the fused CuPy twins of the chains).
 """
+import math
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -95,7 +103,274 @@ def to_numpy(x):
     return x
 
 
+def tune_allocator(mmap_threshold=32 * 2**20, trim_threshold=2**30):
+    """Keep freed memory in the process (glibc only): call once at a program's entry point, before the work.
+
+    A training step frees and reallocates the same large arrays every step. By default glibc hands any block of
+    128 KiB or more (its threshold rises with use, up to 32 MiB) straight back to the OS with munmap, and trims the
+    heap top, so every step pays page faults and zeroing for tens of megabytes again (a plain NumPy ViT step: 2.2 s
+    with glibc's defaults, 1.4 s tuned, in the issue's measurement). mallopt(M_MMAP_THRESHOLD) serves blocks up to
+    `mmap_threshold` (glibc's maximum, 32 MiB on 64-bit) from the heap, and mallopt(M_TRIM_THRESHOLD) keeps up to
+    `trim_threshold` of free heap top. Returns True when applied; False (changing nothing) where the C library is
+    not glibc (macOS, Windows, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) & bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+
+
 def synchronize(xp):
     """Wait for queued GPU work (no-op on the CPU): call before reading a clock."""
     if xp is not np:
         xp.cuda.Device().synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU parallelism: elementwise work in row blocks on a small thread pool, and batched small matrix products
+#
+# A chain of NumPy operations over a large array (GELU, LayerNorm, softmax, Adam) streams the whole array through
+# memory once per operation. Run on blocks of rows, the chain finds each block in the core's cache, and the blocks
+# can go to every core: NumPy releases the GIL inside its loops, so plain Python threads run them in parallel.
+# `row_blocks` does both. On CuPy arrays it calls the function once on the whole arrays (a GPU kernel covers a
+# whole array anyway), so the layers have one code path.
+
+BLOCK_ELEMS = 1 << 16        # elements per block: 256 KiB of float32 per array, a chain of a few fits in L2
+MIN_BLOCKS = 2               # blocks per thread at least (smaller work runs on the caller's thread alone)
+
+_pool = None
+_pool_size = 0
+_threads = None
+_local = threading.local()
+
+
+def num_threads():
+    """Threads for CPU row blocks: `set_num_threads`, else $MINIVIT_NUM_THREADS, else $OMP_NUM_THREADS, else the
+    usable cores."""
+    if _threads is not None:
+        return _threads
+    for var in ("MINIVIT_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n):
+    """Use `n` threads (a positive integer) for CPU row blocks and batched products; None: back to the default."""
+    global _threads
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"number of threads must be a positive integer, got {n!r}")
+    _threads = n
+
+
+def parallel(fn, parts):
+    """[fn(part) for part in parts], the parts on `len(parts)` threads (the caller's thread runs the first)."""
+    global _pool, _pool_size
+    if len(parts) == 1 or threading.current_thread().name.startswith("minivit"):   # one part, or already in the pool
+        return [fn(part) for part in parts]
+    if _pool is None or _pool_size < len(parts) - 1:
+        _pool = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="minivit")
+        _pool_size = len(parts) - 1
+    futures = [_pool.submit(fn, part) for part in parts[1:]]
+    out = [fn(parts[0])]
+    return out + [f.result() for f in futures]
+
+
+def _split(n, parts):
+    """range(n) cut into `parts` contiguous (start, stop) pieces of nearly equal size."""
+    return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+def scratch(like, shape=None, slot=0):
+    """A temporary array of `like`'s dtype and `shape` (default: like's), contents undefined.
+
+    On the CPU a per-thread buffer reused from call to call (row-block functions run thousands of times a step);
+    `slot` tells apart buffers needed at the same time. On CuPy a fresh array.
+    """
+    shape = like.shape if shape is None else shape
+    xp = get_xp(like)
+    if xp is not np:
+        return xp.empty(shape, like.dtype)
+    size = math.prod(shape)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (slot, like.dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(max(size, BLOCK_ELEMS), like.dtype)
+    return buf[:size].reshape(shape)
+
+
+def row_blocks(fn, *arrays, block_elems=None):
+    """Call fn(*blocks) on matching row blocks arrays[i][lo:hi] that cover all rows; return the results in row order.
+
+    The arrays share their first dimension (rows). A block has about `block_elems` (default BLOCK_ELEMS) elements
+    of the widest array; the blocks go in contiguous runs to up to `num_threads()` threads (MIN_BLOCKS blocks a
+    thread at least). `fn` writes its outputs into the blocks of output arrays among `arrays`, and may return a value per
+    block (e.g. partial sums over its rows). On CuPy arrays, or with a single block's work: one call fn(*arrays).
+    """
+    n = arrays[0].shape[0]
+    width = max(math.prod(a.shape[1:]) for a in arrays) or 1
+    rows = max(1, (block_elems or BLOCK_ELEMS) // width)
+    if n <= rows or get_xp(arrays[0]) is not np:
+        return [fn(*arrays)]
+    starts = range(0, n, rows)
+    threads = max(1, min(num_threads(), len(starts) // MIN_BLOCKS))    # else not worth a join
+
+    def run(part):
+        return [fn(*(a[lo:lo + rows] for a in arrays)) for lo in starts[part[0]:part[1]]]
+
+    with blas_threads(1):                                # a BLAS call inside fn stays on its own thread
+        return [r for part in parallel(run, _split(len(starts), threads)) for r in part]
+
+
+_blas = None   # (set_num_threads, get_num_threads) of the OpenBLAS NumPy uses; False when there is none to control
+
+
+def _openblas():
+    global _blas
+    if _blas is None:
+        _blas = False
+        try:
+            with open("/proc/self/maps") as f:       # the loaded libraries (Linux); elsewhere: leave BLAS alone
+                paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+        except OSError:
+            paths = []
+        import ctypes
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix in ("scipy_", ""):
+                for suffix in ("64_", "", "_64"):
+                    set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                    get_ = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                    if set_ is not None and get_ is not None:
+                        set_.argtypes, get_.restype = [ctypes.c_int], ctypes.c_int
+                        _blas = (set_, get_)
+                        return _blas
+    return _blas or None
+
+
+def set_threads(n):
+    """Use `n` threads from now on (`--threads N`): for NumPy's OpenBLAS (found among the loaded libraries and set
+    directly, since OPENBLAS_NUM_THREADS is read only when NumPy loads it), for minivit's row blocks and split
+    products, and, through the environment variables, for libraries loaded later. Returns True when OpenBLAS took
+    the setting (False where it cannot be found: another BLAS, or not Linux)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    set_num_threads(n)
+    blas = _openblas()
+    if blas is not None:
+        blas[0](n)
+    return blas is not None
+
+
+@contextmanager
+def blas_threads(n):
+    """Run the block with NumPy's BLAS (OpenBLAS) on `n` threads, then restore; a no-op where it cannot be set."""
+    blas = _openblas()
+    if blas is None:
+        yield
+        return
+    set_, get_ = blas
+    before = get_()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+SPLIT_GEMM = 1 << 24   # multiply-adds from which a product is split over the threads (below: one thread, no join)
+
+
+def matmul(a, b, out=None):
+    """a @ b for 2-D or batched (ndim >= 3, same batch) operands, into `out` when given (which may be a strided
+    view with unit stride along its rows, e.g. heads written straight into a merged layout).
+
+    On the CPU the work is split over `num_threads()` threads, each part one single-threaded BLAS call: batched
+    products by the batch (first axis), 2-D ones by rows of the result (or by columns when it has few rows).
+    Attention's products are small ((N, hs) @ (hs, N) per image and head), and a BLAS that threads each of them
+    spends longer waking and joining its threads than multiplying; a threaded BLAS also synchronizes its threads
+    inside every product, which stalls whenever another process takes a core. Independent parts join once
+    (measured on a busy 2-core machine: a cifar-small step 2.1 s split against 2.7 s on BLAS's threads).
+    """
+    xp = get_xp(a)
+    if out is None:
+        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        out = xp.empty(shape, np.result_type(a.dtype, b.dtype))
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    threads = num_threads()
+    work = m * k * n * (math.prod(out.shape[:-2]) or 1)                 # multiply-adds
+    if xp is not np:
+        return xp.matmul(a, b, out=out)
+    if threads == 1 or work < SPLIT_GEMM:
+        with blas_threads(1):                          # too small to share out: one thread, no join
+            return xp.matmul(a, b, out=out)
+    if out.ndim >= 3:
+        if a.shape[0] != b.shape[0] or out.shape[0] < threads:
+            return xp.matmul(a, b, out=out)
+
+        def part(span):                                # images [lo, hi) of the batch
+            lo, hi = span
+            xp.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi])
+        spans = _split(out.shape[0], threads)
+    elif m >= 8 * threads:
+        def part(span):                                # rows [lo, hi) of the result
+            lo, hi = span
+            xp.matmul(a[lo:hi], b, out=out[lo:hi])
+        spans = _split(m, threads)
+    else:
+        def part(span):                                # columns [lo, hi) of the result
+            lo, hi = span
+            xp.matmul(a, b[:, lo:hi], out=out[:, lo:hi])
+        spans = _split(n, threads)
+    with blas_threads(1):
+        parallel(part, spans)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU twins: on CuPy, the elementwise chains of layers.py and optim.py as single fused kernels (one read and one
+# write per element instead of one kernel launch per operation). Each computes exactly the formula of its NumPy
+# twin named in its comment; tests/test_kernels.py compares them where a GPU exists.
+
+_GPU_SOURCES = {
+    # layers._gelu_tanh_rows: y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_tanh": ("T x", "T y", "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
+                               "y = (T)0.5 * x * ((T)1 + t)"),
+    # layers._gelu_tanh_grad_rows: dx = dy (0.5 (1 + t) + (1 - t^2) 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2))
+    "gelu_tanh_grad": ("T x, T dy", "T dx",
+                       "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
+                       "dx = dy * ((T)0.5 * ((T)1 + t) + ((T)1 - t * t) * (T)0.3989422804014327 * x"
+                       " * ((T)1 + (T)0.134145 * x * x))"),
+    # optim._adam_rows: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p * decay - step m / (sqrt(v / c2) + eps)
+    "adam": ("T g, T b1, T b2, T eps, T c2, T step, T decay", "T p, T m, T v",
+             "m = b1 * m + ((T)1 - b1) * g; v = b2 * v + ((T)1 - b2) * (g * g);"
+             "p = p * decay - step * (m / (sqrt(v * ((T)1 / c2)) + eps))"),
+}
+_gpu_kernels = {}
+
+
+def gpu_kernel(name):
+    """The fused CuPy ElementwiseKernel `name` (built on first use; compiled by CuPy on its first call)."""
+    if name not in _gpu_kernels:
+        cp = import_cupy() if "cupy" not in sys.modules else sys.modules["cupy"]
+        params, outs, body = _GPU_SOURCES[name]
+        _gpu_kernels[name] = cp.ElementwiseKernel(params, outs, body, f"minivit_{name}")
+    return _gpu_kernels[name]

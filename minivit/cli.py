@@ -49,8 +49,9 @@ def _train_config(args):
 
 
 def _setup_runtime(args):
+    from minivit.backend import set_threads, tune_allocator
+    tune_allocator()                  # keep freed memory in the process (glibc only; a no-op elsewhere)
     if getattr(args, "threads", None):
-        from minivit.threads import set_threads
         set_threads(args.threads)
     from minivit.backend import get_backend
     get_backend(args.device)          # fails early, with the install hint, if the GPU is asked for but unusable
@@ -255,6 +256,12 @@ def cmd_fewshot(args):
     print(format_table(rows, f"few-shot linear probe of {args.checkpoint} on {ds.name} ({args.representation} "
                              f"features, l2 {args.l2:g}, {args.seeds} seeds; test split of {len(ds.test_labels)})"))
     return 0
+
+
+def cmd_bench(args):
+    """The benchmark (minivit/bench.py): step times against the GEMM floor, the matmul peak and PyTorch eager."""
+    from minivit.bench import run_bench
+    return run_bench(args)
 
 
 def cmd_download(args):
@@ -473,6 +480,17 @@ def build_parser():
     add_data_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("bench", help="time training steps against the machine's limit (and PyTorch with --vs-torch)",
+                       description="Named cases (mnist-tiny, cifar-small, vit-s16, vit-b16-infer), float32: ms per "
+                                   "step, images/s, analytic matmul FLOPs and GFLOP/s, the machine's matmul rate, "
+                                   "the GEMM floor, memory; --profile per operation; --vs-torch the same model "
+                                   "in PyTorch eager with the same weights. The formulas and how to get stable "
+                                   "numbers: `python -c 'import minivit.bench; help(minivit.bench)'` and README.",
+                       formatter_class=fmt)
+    from minivit.bench import add_bench_arguments
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("download", help="fetch and verify an official data set",
                        description="Download the official archives of a data set into DATA_DIR/NAME/ and check "

@@ -13,12 +13,32 @@ Shape glossary (shared with attention.py and model.py):
 Every function works on NumPy and CuPy arrays alike (`xp = get_xp(x)`), and keeps the dtype of its input:
 float32 in, float32 out. Scalars are Python floats so they never upcast float32 arrays (NumPy 2 promotion).
 The derivations behind the backward formulas are worked out in the lessons (lessons/04-07).
+
+Speed: the elementwise chains (bias add, LayerNorm, GELU, softmax) run through `row_blocks` (backend.py): a
+`_..._rows` function does the whole chain on a block of rows that stays in cache, in place with `out=` and no
+temporaries, and the blocks run on every core. Each such function is the formula of its layer written as in-place
+steps, one comment per step; on CuPy it runs once over the whole array. Caches keep only what backward needs.
 """
 import math
 
 import numpy as np
 
-from minivit.backend import get_xp
+from minivit.backend import get_xp, gpu_kernel, matmul, row_blocks, scratch
+
+
+_ONES = {}
+
+
+def _row_sum(x):
+    """x: (r, n) -> (r, 1) = x.sum(axis=-1, keepdims=True), as the matrix-vector product x @ ones(n) on the CPU
+    (BLAS does it about 4x faster than NumPy's reduction along short rows)."""
+    xp = get_xp(x)
+    if xp is not np:
+        return x.sum(axis=-1, keepdims=True)
+    key = (x.shape[-1], x.dtype)
+    if key not in _ONES:
+        _ONES[key] = np.ones((x.shape[-1], 1), x.dtype)
+    return x @ _ONES[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,8 +126,8 @@ def linear_forward(x, w, b):
     """x: (..., D_in), w: (D_in, D_out), b: (D_out,) -> (..., D_out).   y = x @ w + b"""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])                      # (R, D_in): one GEMM for all rows
-    y = x2 @ w                                           # (R, D_out)
-    y += b
+    y = matmul(x2, w)                                    # (R, D_out)  x @ w
+    y += b                                               # (one pass over y: nothing to chain it with)
     return y.reshape(*lead, w.shape[1]), (x, w)
 
 
@@ -119,8 +139,8 @@ def linear_backward(dy, cache):
     x, w = cache
     dy2 = dy.reshape(-1, dy.shape[-1])                   # (R, D_out)
     x2 = x.reshape(-1, x.shape[-1])                      # (R, D_in)
-    dx = (dy2 @ w.T).reshape(x.shape)                    # (..., D_in)
-    dw = x2.T @ dy2                                      # (D_in, D_out)
+    dx = matmul(dy2, w.T).reshape(x.shape)               # (..., D_in)   dy @ w^T
+    dw = matmul(x2.T, dy2)                               # (D_in, D_out) x^T @ dy
     db = dy2.sum(axis=0)                                 # (D_out,)
     return dx, dw, db
 
@@ -128,19 +148,54 @@ def linear_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------------------------
 # Layer normalization.
 
+def _layernorm_rows(x, y, xhat, rstd, w, b, eps):
+    """One block of rows, x (r, D) -> y, xhat (r, D), rstd (r, 1), in place."""
+    xp = get_xp(x)
+    inv_d = 1.0 / x.shape[-1]
+    mean = _row_sum(x) * inv_d                           # (r, 1)
+    xp.subtract(x, mean, out=xhat)                       # xc = x - mean
+    xp.multiply(xhat, xhat, out=y)                       # xc^2 (y as scratch)
+    var = _row_sum(y) * inv_d                            # (r, 1) mean(xc^2)
+    rstd[...] = 1.0 / (var + eps) ** 0.5                 # 1 / sqrt(var + eps)
+    xhat *= rstd                                         # xhat = xc / sqrt(var + eps)
+    xp.multiply(xhat, w, out=y)
+    y += b                                               # y = xhat * w + b
+
+
 def layernorm_forward(x, w, b, eps=1e-6):
     """x: (..., D), w: (D,), b: (D,) -> (..., D).
 
     xhat = (x - mean(x)) / sqrt(var(x) + eps) over the last axis;  y = xhat * w + b.
     eps=1e-6: original ViT and timm LayerNorm (PyTorch's default is 1e-5).
+    Cache: xhat and rstd = 1 / sqrt(var + eps) (not x).
     """
-    mean = x.mean(axis=-1, keepdims=True)                # (..., 1)
-    xc = x - mean                                        # (..., D)
-    var = (xc * xc).mean(axis=-1, keepdims=True)         # (..., 1)
-    rstd = 1.0 / (var + eps) ** 0.5                      # (..., 1)
-    xhat = xc * rstd                                     # (..., D)
-    y = xhat * w + b                                     # (..., D)
-    return y, (xhat, rstd, w)
+    xp = get_xp(x)
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)                                # (R, D)
+    y, xhat = xp.empty_like(x2), xp.empty_like(x2)       # (R, D) each
+    rstd = xp.empty((x2.shape[0], 1), x.dtype)           # (R, 1)
+    row_blocks(lambda *blk: _layernorm_rows(*blk, w, b, eps), x2, y, xhat, rstd)
+    shape = x.shape[:-1]
+    return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(*shape, 1), w)
+
+
+def _layernorm_grad_rows(dy, xhat, rstd, w, dx):
+    """One block of rows: dx (r, D) in place; returns this block's (sum(dy * xhat), sum(dy)) over its rows."""
+    xp = get_xp(dy)
+    g = scratch(dy)
+    xp.multiply(dy, xhat, out=g)                         # dy * xhat
+    dw = g.sum(axis=0)                                   # (D,) partial sum
+    db = dy.sum(axis=0)                                  # (D,) partial sum
+    xp.multiply(dy, w, out=g)                            # g = dy * w
+    xp.multiply(g, xhat, out=dx)                         # g * xhat (dx as scratch)
+    inv_d = 1.0 / dy.shape[-1]
+    mgx = _row_sum(dx) * inv_d                           # mean(g * xhat), (r, 1)
+    mg = _row_sum(g) * inv_d                             # mean(g), (r, 1)
+    g -= mg                                              # g - mean(g)
+    xp.multiply(xhat, mgx, out=dx)                       # xhat * mean(g * xhat)
+    xp.subtract(g, dx, out=dx)                           # g - mean(g) - xhat * mean(g * xhat)
+    dx *= rstd                                           # dx = rstd * (...)
+    return dw, db
 
 
 def layernorm_backward(dy, cache):
@@ -150,14 +205,17 @@ def layernorm_backward(dy, cache):
     dw = sum(dy * xhat), db = sum(dy) over all rows.
     """
     xhat, rstd, w = cache
+    xp = get_xp(dy)
     D = xhat.shape[-1]
-    dy2 = dy.reshape(-1, D)
-    dw = (dy2 * xhat.reshape(-1, D)).sum(axis=0)         # (D,)
-    db = dy2.sum(axis=0)                                 # (D,)
-    g = dy * w                                           # (..., D)
-    dx = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
-    dx *= rstd                                           # (..., D)
-    return dx, dw, db
+    dy2 = xp.ascontiguousarray(dy).reshape(-1, D)        # (R, D)
+    dx = xp.empty_like(dy2)                              # (R, D)
+    parts = row_blocks(lambda *blk: _layernorm_grad_rows(*blk[:3], w, blk[3]),
+                       dy2, xhat.reshape(-1, D), rstd.reshape(-1, 1), dx)
+    dw, db = parts[0]
+    for pw, pb in parts[1:]:                             # add up the blocks' partial sums
+        dw += pw
+        db += pb
+    return dx.reshape(dy.shape), dw, db
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,19 +271,71 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def _tanh_u_rows(x, t):
+    """t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), in place in t (the tanh GELU's inner part)."""
+    xp = get_xp(x)
+    xp.multiply(x, 0.044715, out=t)                      # 0.044715 x
+    t *= x
+    t *= x                                               # 0.044715 x^3
+    t += x                                               # x + 0.044715 x^3
+    t *= _SQRT_2_OVER_PI                                 # u
+    xp.tanh(t, out=t)                                    # t = tanh(u)
+
+
+def _gelu_tanh_rows(x, y):
+    """y = 0.5 x (1 + t) on one block of rows, in place in y."""
+    if get_xp(x) is not np:
+        gpu_kernel("gelu_tanh")(x, y)                    # CuPy: the same formula as one fused kernel
+        return
+    _tanh_u_rows(x, y)                                   # t
+    y += 1.0                                             # 1 + t
+    y *= x                                               # x (1 + t)
+    y *= 0.5                                             # gelu(x) = 0.5 x (1 + t)
+
+
+def _gelu_tanh_grad_rows(x, dy, dx):
+    """dx = dy * gelu'(x) on one block of rows, recomputing t = tanh(u) from x (the cache keeps only x):
+
+    gelu'(x) = 0.5 (1 + t) + (1 - t^2) (0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2))
+    """
+    xp = get_xp(x)
+    if xp is not np:
+        gpu_kernel("gelu_tanh_grad")(x, dy, dx)          # CuPy: the same formula as one fused kernel
+        return
+    t, a = scratch(x, slot=0), scratch(x, slot=1)
+    xp.multiply(x, x, out=a)                             # x^2
+    xp.multiply(a, 0.044715 * _SQRT_2_OVER_PI, out=t)
+    t += _SQRT_2_OVER_PI
+    t *= x                                               # u = sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(t, out=t)                                    # t = tanh(u)
+    a *= 1.5 * 0.044715 * _SQRT_2_OVER_PI
+    a += 0.5 * _SQRT_2_OVER_PI
+    a *= x                                               # 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2)
+    xp.multiply(t, t, out=dx)                            # t^2 (dx as scratch)
+    xp.subtract(1.0, dx, out=dx)                         # 1 - t^2
+    a *= dx                                              # (1 - t^2) 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2)
+    t *= 0.5
+    t += 0.5                                             # 0.5 (1 + t)
+    a += t                                               # gelu'(x)
+    xp.multiply(dy, a, out=dx)                           # dx = dy * gelu'(x)
+
+
 def gelu_forward(x, approximate="tanh"):
     """x: any shape -> same shape.
 
     exact:  gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))                      (PyTorch, timm)
     tanh:   gelu(x) ~ 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))                (original JAX ViT)
+    Cache: x only (backward recomputes tanh(u) or Phi(x), cheaper than keeping an array of them).
     """
     xp = get_xp(x)
     if approximate == "tanh":
-        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-        return 0.5 * x * (1.0 + t), (x, approximate, t)
+        x2 = xp.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)   # (R, n)
+        y = xp.empty_like(x2)
+        row_blocks(_gelu_tanh_rows, x2, y)
+        return y.reshape(x.shape), (x, approximate)
     if approximate == "exact":
         cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
-        return x * cdf, (x, approximate, cdf)
+        return x * cdf, (x, approximate)
     raise ValueError(f"GELU approximate must be 'tanh' or 'exact', got {approximate!r}")
 
 
@@ -236,32 +346,127 @@ def gelu_backward(dy, cache):
     tanh:   with u = sqrt(2/pi)(x + 0.044715 x^3), t = tanh(u):
             gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     """
-    x, approximate, s = cache
+    x, approximate = cache
     xp = get_xp(x)
     if approximate == "tanh":
-        t = s
-        dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-    else:
-        cdf = s
-        dgelu = cdf + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+        shape = (-1, x.shape[-1] if x.ndim else 1)
+        x2 = xp.ascontiguousarray(x).reshape(shape)                     # (R, n)
+        dx = xp.empty_like(x2)
+        row_blocks(_gelu_tanh_grad_rows, x2, xp.ascontiguousarray(dy).reshape(shape), dx)
+        return dx.reshape(x.shape)
+    cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
+    dgelu = cdf + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
     return dy * dgelu
+
+
+def _bias_gelu_tanh_rows(u, y, b):
+    """u += b, then y = gelu(u) (tanh form) on one block of rows: the bias add rides along with the GELU pass."""
+    u += b                                               # u = x @ w + b
+    _gelu_tanh_rows(u, y)                                # y = gelu(u)
+
+
+def _gelu_tanh_grad_sum_rows(u, dy, du):
+    """du = dy * gelu'(u) on one block of rows; returns the block's sum of du over its rows (its share of db)."""
+    _gelu_tanh_grad_rows(u, dy, du)
+    return du.sum(axis=0)
+
+
+def linear_gelu_forward(x, w, b, approximate="tanh"):
+    """x: (..., D_in), w: (D_in, D_out), b: (D_out,) -> (..., D_out).   y = gelu(x @ w + b)
+
+    linear_forward then gelu_forward (the MLP's fc1 and its activation), with the bias add and the GELU done in
+    one pass over row blocks after the matrix product. Cache: x, w and u = x @ w + b.
+    """
+    if approximate != "tanh":                            # the exact form: the two layers as they are
+        u, lin_cache = linear_forward(x, w, b)
+        y, gelu_cache = gelu_forward(u, approximate)
+        return y, (lin_cache, gelu_cache)
+    xp = get_xp(x)
+    lead = x.shape[:-1]
+    u = matmul(x.reshape(-1, x.shape[-1]), w)            # (R, D_out)  x @ w
+    y = xp.empty_like(u)                                 # (R, D_out)
+    row_blocks(lambda ub, yb: _bias_gelu_tanh_rows(ub, yb, b), u, y)     # u += b;  y = gelu(u)
+    return y.reshape(*lead, w.shape[1]), ((x, w), (u, approximate))
+
+
+def linear_gelu_output(cache):
+    """The output y = gelu(u) of a linear_gelu_forward, recomputed from its cache (for callers that drop y)."""
+    (x, w), (u, approximate) = cache
+    if approximate != "tanh":
+        return gelu_forward(u, approximate)[0]
+    y = get_xp(u).empty_like(u)                          # (R, D_out)
+    row_blocks(_gelu_tanh_rows, u, y)                    # y = gelu(u)
+    return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def linear_gelu_backward(dy, cache):
+    """dy: (..., D_out) -> dx (..., D_in), dw (D_in, D_out), db (D_out,).
+
+    du = dy * gelu'(u) (with db = sum of du over rows, in the same pass);  dx = du @ w^T;  dw = x^T @ du.
+    """
+    (x, w), (u, approximate) = cache
+    if approximate != "tanh":
+        return linear_backward(gelu_backward(dy, (u, approximate)), (x, w))
+    xp = get_xp(dy)
+    du = xp.empty_like(u)                                # (R, D_out)
+    # fwd: y = gelu(u)
+    parts = row_blocks(_gelu_tanh_grad_sum_rows, u, xp.ascontiguousarray(dy).reshape(u.shape), du)
+    db = parts[0]
+    for part in parts[1:]:
+        db += part                                       # db = sum of du over all rows
+    # fwd: u = x @ w + b
+    dx = matmul(du, w.T).reshape(x.shape)                # (..., D_in)   du @ w^T
+    dw = matmul(x.reshape(-1, x.shape[-1]).T, du)        # (D_in, D_out) x^T @ du
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Softmax over the last axis.
 
-def softmax_forward(x):
-    """x: (..., n) -> (..., n), rows summing to 1.  y = exp(x - max x) / sum exp(x - max x) (max-shift: no overflow)."""
+def _softmax_rows(x, y, scale):
+    """y = softmax(scale * x) on one block of rows, in place in y (y may be x)."""
     xp = get_xp(x)
-    e = xp.exp(x - x.max(axis=-1, keepdims=True))
-    e /= e.sum(axis=-1, keepdims=True)
-    return e, (e,)
+    m = x.max(axis=-1, keepdims=True)                    # (r, 1)
+    xp.subtract(x, m, out=y)                             # x - max x
+    if scale != 1.0:
+        y *= scale                                       # scale (x - max x) = scale x - max(scale x), scale > 0
+    xp.exp(y, out=y)                                     # e
+    y /= _row_sum(y)                                     # e / sum e
+
+
+def _softmax_grad_rows(dy, y, dx, scale):
+    """dx = scale * y * (dy - sum(dy * y)) on one block of rows."""
+    xp = get_xp(dy)
+    xp.multiply(dy, y, out=dx)                           # dy * y (dx as scratch)
+    s = _row_sum(dx)                                     # sum(dy * y), (r, 1)
+    xp.subtract(dy, s, out=dx)                           # dy - sum(dy * y)
+    dx *= y
+    if scale != 1.0:
+        dx *= scale
+
+
+def softmax_forward(x, scale=1.0, out=None):
+    """x: (..., n) -> (..., n), rows summing to 1.  y = exp(s - max s) / sum exp(s - max s), s = scale * x
+    (max-shift: no overflow; scale > 0, e.g. attention's 1/sqrt(hs)). `out` may be x (in place)."""
+    xp = get_xp(x)
+    n = x.shape[-1]
+    x2 = xp.ascontiguousarray(x).reshape(-1, n)                         # (rows, n)
+    y = xp.empty_like(x2) if out is None else out.reshape(-1, n)        # a view: out must be contiguous
+    row_blocks(lambda a, b: _softmax_rows(a, b, scale), x2, y)
+    y = y.reshape(x.shape)
+    return y, (y, scale)
 
 
 def softmax_backward(dy, cache):
-    """dy: (..., n) -> dx (..., n).   dx = y * (dy - sum(dy * y))   (the Jacobian diag(y) - y y^T applied to dy)"""
-    (y,) = cache
-    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+    """dy: (..., n) -> dx (..., n).   dx = scale * y * (dy - sum(dy * y))   (the Jacobian diag(y) - y y^T, times the
+    input scale, applied to dy)"""
+    y, scale = cache
+    xp = get_xp(dy)
+    n = y.shape[-1]
+    dx = xp.empty(y.shape, y.dtype)
+    row_blocks(lambda a, b, c: _softmax_grad_rows(a, b, c, scale),
+               xp.ascontiguousarray(dy).reshape(-1, n), y.reshape(-1, n), dx.reshape(-1, n))
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------------------------

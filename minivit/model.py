@@ -17,9 +17,10 @@ import numpy as np
 from minivit.attention import ATTN_PROBS, attention_backward, attention_forward
 from minivit.backend import get_xp, to_device
 from minivit.config import param_shapes
-from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward, gelu_backward,
-                            gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                            patch_embed_backward, patch_embed_forward, tokens_backward, tokens_forward)
+from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward,
+                            layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+                            linear_gelu_backward, linear_gelu_forward, linear_gelu_output, patch_embed_backward,
+                            patch_embed_forward, tokens_backward, tokens_forward)
 from minivit.tree import flatten, unflatten
 
 
@@ -96,23 +97,26 @@ def check_params(params, cfg):
 # MLP and encoder block
 
 def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0):
-    """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))"""
-    h, fc1_cache = linear_forward(x, p["fc1_w"], p["fc1_b"])            # (B, N, M)
-    h, gelu_cache = gelu_forward(h, approximate)                        # (B, N, M)
+    """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))
+
+    The cache keeps fc1's pre-activation u but not the hidden h = drop(gelu(u)): backward recomputes h from u
+    (one cheap pass), which saves a (B, N, M) array per block (the largest activation of a ViT).
+    """
+    h, fc1_cache = linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate)   # (B, N, M) gelu(fc1(x))
     h, drop1_cache = dropout_forward(h, dropout, train, rng)
-    y, fc2_cache = linear_forward(h, p["fc2_w"], p["fc2_b"])            # (B, N, D)
+    y, (_, fc2_w) = linear_forward(h, p["fc2_w"], p["fc2_b"])           # (B, N, D); h is not kept
     y, drop2_cache = dropout_forward(y, dropout, train, rng)
-    return y, (fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache)
+    return y, (fc1_cache, drop1_cache, fc2_w, drop2_cache)
 
 
 def mlp_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}."""
-    fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache = cache
+    fc1_cache, drop1_cache, fc2_w, drop2_cache = cache
     dy = dropout_backward(dy, drop2_cache)
-    dh, dfc2_w, dfc2_b = linear_backward(dy, fc2_cache)                 # fwd: y = h @ fc2_w + fc2_b
+    h = dropout_backward(linear_gelu_output(fc1_cache), drop1_cache)    # h = drop(gelu(u)), recomputed (same mask)
+    dh, dfc2_w, dfc2_b = linear_backward(dy, (h, fc2_w))                # fwd: y = h @ fc2_w + fc2_b
     dh = dropout_backward(dh, drop1_cache)
-    dh = gelu_backward(dh, gelu_cache)                                  # fwd: h = gelu(h)
-    dx, dfc1_w, dfc1_b = linear_backward(dh, fc1_cache)                 # fwd: h = x @ fc1_w + fc1_b
+    dx, dfc1_w, dfc1_b = linear_gelu_backward(dh, fc1_cache)            # fwd: h = gelu(x @ fc1_w + fc1_b)
     return dx, {"fc1_w": dfc1_w, "fc1_b": dfc1_b, "fc2_w": dfc2_w, "fc2_b": dfc2_b}
 
 
@@ -121,11 +125,13 @@ def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0):
     h, norm1_cache = layernorm_forward(x, p["norm1"]["w"], p["norm1"]["b"], cfg.ln_eps)
     h, attn_cache = attention_forward(h, p["attn"], cfg.heads, train, rng, cfg.attn_dropout, cfg.dropout)
     h, dp1_cache = drop_path_forward(h, drop_path, train, rng)
-    x1 = x + h                                                          # (B, N, D) first residual
+    h += x                                                              # x1 = x + h, in place (h is ours)
+    x1 = h                                                              # (B, N, D) first residual
     h, norm2_cache = layernorm_forward(x1, p["norm2"]["w"], p["norm2"]["b"], cfg.ln_eps)
     h, mlp_cache = mlp_forward(h, p["mlp"], cfg.gelu, train, rng, cfg.dropout)
     h, dp2_cache = drop_path_forward(h, drop_path, train, rng)
-    y = x1 + h                                                          # (B, N, D) second residual
+    h += x1                                                             # y = x1 + h, in place
+    y = h                                                               # (B, N, D) second residual
     return y, (norm1_cache, attn_cache, dp1_cache, norm2_cache, mlp_cache, dp2_cache)
 
 
@@ -136,12 +142,14 @@ def block_backward(dy, cache):
     dh = drop_path_backward(dy, dp2_cache)
     dh, dmlp = mlp_backward(dh, mlp_cache)
     dh, dnorm2_w, dnorm2_b = layernorm_backward(dh, norm2_cache)
-    dx1 = dy + dh
+    dh += dy                                                            # dx1 = dy + dh, in place (dh is ours)
+    dx1 = dh
     # fwd: x1 = x + drop_path(attn(norm1(x)))
     dh = drop_path_backward(dx1, dp1_cache)
     dh, dattn = attention_backward(dh, attn_cache)
     dh, dnorm1_w, dnorm1_b = layernorm_backward(dh, norm1_cache)
-    dx = dx1 + dh
+    dh += dx1                                                           # dx = dx1 + dh, in place
+    dx = dh
     return dx, {"norm1": {"w": dnorm1_w, "b": dnorm1_b}, "attn": dattn,
                 "norm2": {"w": dnorm2_w, "b": dnorm2_b}, "mlp": dmlp}
 

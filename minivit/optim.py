@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from minivit.backend import get_xp
+from minivit.backend import get_xp, gpu_kernel, row_blocks, scratch
 from minivit.tree import flatten, tree_map
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -65,15 +65,37 @@ def optimizer_step(params, grads, state, lr, kind="adamw", beta1=0.9, beta2=0.99
     for k, p in p_flat.items():
         g, m, v = g_flat[k], m_flat[k], v_flat[k]
         xp = get_xp(p)
-        m *= beta1
-        m += (1.0 - beta1) * g                                 # m = b1 m + (1 - b1) g
-        v *= beta2
-        v += (1.0 - beta2) * (g * g)                           # v = b2 v + (1 - b2) g^2
-        if kind == "adamw" and weight_decay and decay[k]:
-            p *= 1.0 - lr * weight_decay                       # decoupled decay: p -= lr wd p
-        denom = xp.sqrt(v * (1.0 / c2))
-        denom += eps                                           # sqrt(vhat) + eps
-        p -= step_size * (m / denom)                           # p -= lr mhat / (sqrt(vhat) + eps)
+        decay_factor = 1.0 - lr * weight_decay if kind == "adamw" and weight_decay and decay[k] else None
+        if p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
+            # the same update on flat row blocks (views: the updates land in p, m, v), on all cores
+            row_blocks(lambda *blk: _adam_rows(*blk, beta1, beta2, eps, c2, step_size, decay_factor),
+                       p.reshape(-1), xp.ascontiguousarray(g).reshape(-1), m.reshape(-1), v.reshape(-1))
+        else:
+            _adam_rows(p, g, m, v, beta1, beta2, eps, c2, step_size, decay_factor)
+
+
+def _adam_rows(p, g, m, v, beta1, beta2, eps, c2, step_size, decay_factor):
+    """The Adam(W) update of one block, in place in p, m, v (one scratch array, no other temporaries)."""
+    xp = get_xp(p)
+    if xp is not np:                                           # CuPy: the same update as one fused kernel
+        gpu_kernel("adam")(g, beta1, beta2, eps, c2, step_size, 1.0 if decay_factor is None else decay_factor, p, m, v)
+        return
+    tmp = scratch(g)
+    xp.multiply(g, 1.0 - beta1, out=tmp)
+    m *= beta1
+    m += tmp                                                   # m = b1 m + (1 - b1) g
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - beta2
+    v *= beta2
+    v += tmp                                                   # v = b2 v + (1 - b2) g^2
+    if decay_factor is not None:
+        p *= decay_factor                                      # decoupled decay: p -= lr wd p
+    xp.multiply(v, 1.0 / c2, out=tmp)                          # vhat = v / (1 - b2^t)
+    xp.sqrt(tmp, out=tmp)
+    tmp += eps                                                 # sqrt(vhat) + eps
+    xp.divide(m, tmp, out=tmp)                                 # m / (sqrt(vhat) + eps)
+    tmp *= step_size
+    p -= tmp                                                   # p -= lr mhat / (sqrt(vhat) + eps), mhat = m / c1
 
 
 def global_norm(grads):

@@ -42,3 +42,22 @@ def test_cpu_helpers_are_numpy():
     tree = {"a": [x, None], "b": 3}
     assert to_device(tree, "cpu")["b"] == 3
     assert to_numpy(to_device(tree, "cpu"))["a"][0] is not None
+
+
+def test_set_threads_validates_and_sets(monkeypatch):
+    from minivit import backend
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(backend, "_threads", None)
+    before = backend._openblas()[1]() if backend._openblas() else None
+    try:
+        backend.set_threads(1)
+        assert backend.num_threads() == 1 and backend.os.environ["OPENBLAS_NUM_THREADS"] == "1"
+        if before is not None:
+            assert backend._openblas()[1]() == 1
+    finally:
+        if before is not None:
+            backend._openblas()[0](before)
+        backend.set_num_threads(None)
+    with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
+        backend.set_threads(0)

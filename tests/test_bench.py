@@ -1,0 +1,114 @@
+"""The benchmark: its FLOP formula against the products a step really runs, and a short run of a tiny case."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+import minivit.attention
+import minivit.layers
+from minivit.bench import (CASES, Profiler, _shapes_flops, gemm_floor, main, matmul_flops, matmul_shapes, run_case)
+from minivit.config import get_config
+from minivit.loss import cross_entropy_backward, cross_entropy_forward
+from minivit.model import init_params, vit_backward, vit_forward
+
+CONFIGS = [("test", {}), ("test", {"pooling": "gap"}), ("test", {"representation_size": 7}),
+           ("test", {"gelu": "exact"}), ("mnist-tiny", {})]
+
+
+def record_products(monkeypatch, cfg, batch, train):
+    """Run a real step with the package's matmul wrapped; return its products as matmul_shapes' tuples (no names)."""
+    seen = []
+    real = minivit.layers.matmul
+
+    def recording(a, b, out=None):
+        bd = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        seen.append((bd, a.shape[-2], a.shape[-1], b.shape[-1],
+                     a.strides[-1] != a.itemsize, b.strides[-1] != b.itemsize))   # transposed views
+        return real(a, b, out=out)
+    monkeypatch.setattr(minivit.layers, "matmul", recording)
+    monkeypatch.setattr(minivit.attention, "matmul", recording)
+    params = init_params(cfg, seed=0)
+    x = np.random.default_rng(0).standard_normal((batch,) + cfg.image_hw + (cfg.channels,)).astype(np.float32)
+    logits, cache = vit_forward(params, x, cfg, train=train)
+    if train:
+        _, ce = cross_entropy_forward(logits, np.zeros(batch, dtype=np.int64))
+        vit_backward(cross_entropy_backward(ce), cache)
+    return seen
+
+
+@pytest.mark.parametrize("name,overrides", CONFIGS)
+@pytest.mark.parametrize("train", [True, False])
+def test_flop_formula_matches_the_products_a_step_runs(monkeypatch, name, overrides, train):
+    cfg = get_config(name, **overrides)
+    batch = 3
+    shapes = matmul_shapes(cfg, batch, train)
+    assert _shapes_flops(shapes) == matmul_flops(cfg, batch, train)          # the formula = the list
+    real = record_products(monkeypatch, cfg, batch, train)
+    listed = [s[1:] for s in shapes]
+    assert sorted(real) == sorted(listed)                                    # the list = what really runs
+    assert matmul_flops(cfg, batch, True) == 3 * matmul_flops(cfg, batch, False)
+
+
+def test_flop_formula_by_hand_for_vit_b16():
+    # forward: 2 B [196*768*768 + 12 (197 (4*768^2 + 2*768*3072) + 2*197^2*768) + 768*1000]
+    F = 2 * 8 * (196 * 768 * 768 + 12 * (197 * (4 * 768 ** 2 + 2 * 768 * 3072) + 2 * 197 ** 2 * 768) + 768 * 1000)
+    assert matmul_flops(get_config("vit-b16"), 8, train=False) == F
+    assert abs(F / 1e9 - 281.02) < 0.01                                     # about 35 GFLOP per image
+
+
+def test_gemm_floor_times_the_list():
+    shapes = matmul_shapes(get_config("test"), 2, True)
+    ms = gemm_floor(shapes, reps=1)
+    assert 0 < ms < 1000
+
+
+def test_profiler_times_ops_and_restores_the_functions():
+    cfg = get_config("test")
+    params = init_params(cfg)
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    before = minivit.layers.layernorm_forward
+    with Profiler() as prof:
+        vit_forward(params, x, cfg)
+    assert minivit.layers.layernorm_forward is before
+    table = prof.table(1)
+    assert table["layernorm forward"]["calls"] == 2 * cfg.depth + 1 and table["layernorm forward"]["ms"] >= 0
+    assert "attention forward" in table and "linear forward" in table
+
+
+def check_result(r, frameworks=("minivit",)):
+    assert r["case"] == "tiny" and r["batch"] == CASES["tiny"].batch and r["step"] == "training"
+    assert r["matmul_gflop"] > 0 and r["matmul_peak_gflops"] > 0
+    for fw in frameworks:
+        m = r[fw]
+        assert m["ms"]["min"] <= m["ms"]["median"] <= m["ms"]["max"] and len(m["steps_ms"]) == 2
+        assert m["images_per_s"] > 0 and m["gflops"] > 0 and 0 < m["peak_fraction"]
+        assert m["rss_peak_mb"] >= m["rss_base_mb"] > 0 and m["step_mem_mb"] >= 0
+    assert r["minivit"]["gemm_floor_ms"] > 0 and r["minivit"]["floor_ratio"] > 0
+
+
+def test_bench_runs_a_tiny_case_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["--case", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1", "--floor-reps", "1",
+                 "--profile", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "median" in out and "profile of tiny" in out
+    data = json.loads(path.read_text())
+    assert data["machine"]["threads"] == 1
+    (r,) = data["cases"]
+    check_result(r)
+    assert "linear forward" in r["minivit"]["profile"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_bench_vs_torch_agrees_on_a_tiny_case():
+    r = run_case(CASES["tiny"], threads=1, steps=2, warmup=0, vs_torch=True, floor_reps=1, pause=0.0)
+    check_result(r, ("minivit", "torch"))
+    assert r["check"]["ok"], r["check"]
+    assert r["check"]["logits_max_rel"] < 1e-4 and r["check"]["grads_max_rel"] < 1e-3
+    assert r["ratio_vs_torch"] > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        main(["--case", "tiny", "--steps", "0"])

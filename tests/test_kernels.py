@@ -1,0 +1,254 @@
+"""The fast paths against plain references: row-block kernels, the split matrix product, the blocked optimizer.
+
+Each fast function is compared with the textbook NumPy expression it replaces (sharing no code with it), in
+float32 and float64, on arrays large enough to be cut into several row blocks and shared over threads; float32
+must stay float32. Where CuPy and a GPU are present, the same functions run on CuPy and must match NumPy.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import minivit.backend as backend
+from minivit.backend import blas_threads, matmul, row_blocks, scratch, set_num_threads, tune_allocator
+from minivit.layers import (gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_gelu_backward,
+                            linear_gelu_forward, linear_gelu_output, softmax_backward, softmax_forward)
+from minivit.optim import optimizer_init, optimizer_step
+
+from conftest import CUPY, requires_gpu
+
+C = math.sqrt(2 / math.pi)
+DTYPES = [np.float32, np.float64]
+
+
+def tol(dtype):
+    return dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    set_num_threads(request.param)
+    yield request.param
+    set_num_threads(None)
+
+
+def rand(*shape, dtype=np.float64, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+# ---- references: the plain expressions
+
+def ref_gelu(x):
+    return 0.5 * x * (1 + np.tanh(C * (x + 0.044715 * x ** 3)))
+
+
+def ref_gelu_grad(x):
+    t = np.tanh(C * (x + 0.044715 * x ** 3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * C * (1 + 3 * 0.044715 * x ** 2)
+
+
+def ref_layernorm(x, w, b, eps):
+    xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+    return xhat * w + b, xhat
+
+
+def ref_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# ---- row blocks and the thread pool
+
+def test_row_blocks_cover_every_row_once_in_order(threads):
+    a = np.arange(10_000 * 7, dtype=np.float64).reshape(10_000, 7)
+    out = np.zeros_like(a)
+    sums = row_blocks(lambda x, y: (np.multiply(x, 2.0, out=y), x.sum(axis=0))[1], a, out, block_elems=700)
+    np.testing.assert_array_equal(out, 2 * a)
+    assert len(sums) == 100                                   # 100 rows a block
+    np.testing.assert_array_equal(sums[0], a[:100].sum(0))    # in row order
+    np.testing.assert_array_equal(np.sum(sums, axis=0), a.sum(0))
+
+
+def test_scratch_is_reused_per_thread_and_slot():
+    like = np.zeros((4, 5), np.float32)
+    a, b = scratch(like, slot=0), scratch(like, slot=1)
+    assert a.shape == (4, 5) and a.dtype == np.float32 and not np.shares_memory(a, b)
+    assert np.shares_memory(scratch(like, slot=0), a)         # the same buffer next time
+
+
+def test_set_num_threads_validates():
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        set_num_threads(0)
+    set_num_threads(3)
+    assert backend.num_threads() == 3
+    set_num_threads(None)
+
+
+def test_blas_threads_restores_and_allocator_tuning_is_a_bool():
+    blas = backend._openblas()
+    before = blas[1]() if blas else None
+    with blas_threads(1):
+        if blas:
+            assert blas[1]() == 1
+    if blas:
+        assert blas[1]() == before
+    assert tune_allocator() in (True, False)
+
+
+# ---- the split matrix product
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False)])
+def test_matmul_2d_matches_numpy(threads, ta, tb):
+    m, k, n = 300, 70, 90                                     # m*k*n above the size that gets split
+    a = rand(k, m, seed=1).T if ta else rand(m, k, seed=1)
+    b = rand(n, k, seed=2).T if tb else rand(k, n, seed=2)
+    np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    few_rows = rand(4, 300, seed=3)                           # few rows: split by columns
+    big = rand(300, 400, seed=4)
+    np.testing.assert_allclose(matmul(few_rows, big), few_rows @ big, rtol=1e-12, atol=1e-12)
+
+
+def test_matmul_batched_into_strided_views(threads):
+    B, N, nh, hs = 6, 40, 3, 16
+    qkv = rand(B, N, 3, nh, hs, dtype=np.float32)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)                    # strided (B, nh, N, hs) views
+    s = matmul(q, k.swapaxes(-1, -2))
+    assert s.dtype == np.float32
+    np.testing.assert_allclose(s, q @ k.swapaxes(-1, -2), rtol=1e-5, atol=1e-5)
+    o = np.empty((B, N, nh, hs), np.float32)
+    matmul(s, v, out=o.transpose(0, 2, 1, 3))                 # written straight into the merged layout
+    np.testing.assert_allclose(o, (s @ v).transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-4)
+
+
+# ---- GELU, LayerNorm, softmax
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_tanh_kernels_match_formula(threads, dtype):
+    x = rand(300, 500, dtype=dtype, scale=3.0)
+    dy = rand(300, 500, dtype=dtype, seed=1)
+    y, cache = gelu_forward(x, "tanh")
+    dx = gelu_backward(dy, cache)
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(y, ref_gelu(x), **tol(dtype))
+    np.testing.assert_allclose(dx, dy * ref_gelu_grad(x), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_gelu_is_linear_then_gelu(threads, dtype):
+    x, w, b = rand(3, 200, 64, dtype=dtype), rand(64, 400, dtype=dtype, seed=1, scale=0.2), rand(400, dtype=dtype, seed=2)
+    dy = rand(3, 200, 400, dtype=dtype, seed=3)
+    y, cache = linear_gelu_forward(x, w, b, "tanh")
+    dx, dw, db = linear_gelu_backward(dy, cache)
+    u = x @ w + b
+    du = dy * ref_gelu_grad(u)
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == dtype
+    np.testing.assert_allclose(y, ref_gelu(u), **tol(dtype))
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else tol(dtype)
+    np.testing.assert_allclose(dx, du @ w.T, **t)
+    np.testing.assert_allclose(dw, x.reshape(-1, 64).T @ du.reshape(-1, 400), **t)
+    np.testing.assert_allclose(db, du.reshape(-1, 400).sum(0), **t)
+    np.testing.assert_array_equal(linear_gelu_output(cache), y)   # the recomputed output is the output
+    ye, ce = linear_gelu_forward(x, w, b, "exact")           # the exact form goes through the plain layers
+    np.testing.assert_array_equal(linear_gelu_output(ce), ye)
+    assert ye.shape == y.shape and linear_gelu_backward(dy, ce)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_kernels_match_formula(threads, dtype):
+    x, w, b = rand(4, 900, 96, dtype=dtype, scale=2.0) + 0.5, rand(96, dtype=dtype, seed=1), rand(96, dtype=dtype, seed=2)
+    dy = rand(4, 900, 96, dtype=dtype, seed=3)
+    y, cache = layernorm_forward(x, w, b, 1e-6)
+    ref_y, xhat = ref_layernorm(x.astype(np.float64), w, b, 1e-6)
+    assert y.dtype == dtype and all(a.dtype == dtype for a in cache[:2])
+    np.testing.assert_allclose(y, ref_y, **tol(dtype))
+    dx, dw, db = layernorm_backward(dy, cache)
+    g = dy * w
+    rstd = 1 / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    ref_dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else tol(dtype)
+    np.testing.assert_allclose(dx, ref_dx, **t)
+    np.testing.assert_allclose(dw, (dy * xhat).sum((0, 1)), **t)
+    np.testing.assert_allclose(db, dy.sum((0, 1)), **t)
+    assert dx.dtype == dw.dtype == db.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_with_scale_in_place(threads, dtype):
+    s = rand(8, 3, 65, 65, dtype=dtype, scale=4.0)
+    dy = rand(8, 3, 65, 65, dtype=dtype, seed=1)
+    ref = ref_softmax(0.125 * s)
+    y, cache = softmax_forward(s.copy(), 0.125)
+    np.testing.assert_allclose(y, ref, **tol(dtype))
+    buf = s.copy()
+    y2, _ = softmax_forward(buf, 0.125, out=buf)                # in place
+    assert np.shares_memory(y2, buf) and y2.dtype == dtype
+    np.testing.assert_allclose(y2, ref, **tol(dtype))
+    dx = softmax_backward(dy, cache)
+    np.testing.assert_allclose(dx, 0.125 * ref * (dy - (dy * ref).sum(-1, keepdims=True)), **tol(dtype))
+
+
+# ---- the optimizer
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_adamw_matches_plain_formula(threads, dtype):
+    shapes = {"w": (300, 400), "b": (400,)}                  # w: several blocks; b: one
+    p = {k: rand(*s, dtype=dtype, seed=i) for i, (k, s) in enumerate(shapes.items())}
+    ref = {k: v.astype(np.float64) for k, v in p.items()}
+    m = {k: np.zeros(v.shape) for k, v in p.items()}
+    v2 = {k: np.zeros(v.shape) for k, v in p.items()}
+    state = optimizer_init(p, "adamw")
+    lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
+    for t in range(1, 4):
+        g = {k: rand(*s, dtype=dtype, seed=10 * t + i) for i, (k, s) in enumerate(shapes.items())}
+        optimizer_step(p, g, state, lr, kind="adamw", weight_decay=wd)
+        for k in p:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v2[k] = b2 * v2[k] + (1 - b2) * g[k].astype(np.float64) ** 2
+            if k == "w":
+                ref[k] *= 1 - lr * wd
+            ref[k] -= lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+    for k in p:
+        assert p[k].dtype == state["m"][k].dtype == state["v"][k].dtype == dtype
+        np.testing.assert_allclose(p[k], ref[k], rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+# ---- GPU twins (CuPy), where a GPU exists
+
+@requires_gpu
+def test_gpu_kernels_match_numpy():
+    x, w, b = rand(2, 50, 16, dtype=np.float32), rand(16, 40, dtype=np.float32, seed=1), rand(40, dtype=np.float32, seed=2)
+    dy = rand(2, 50, 40, dtype=np.float32, seed=3)
+    y, c = linear_gelu_forward(x, w, b)
+    yg, cg = linear_gelu_forward(CUPY.asarray(x), CUPY.asarray(w), CUPY.asarray(b))
+    np.testing.assert_allclose(CUPY.asnumpy(yg), y, rtol=1e-5, atol=1e-5)
+    for a, ag in zip(linear_gelu_backward(dy, c), linear_gelu_backward(CUPY.asarray(dy), cg)):
+        np.testing.assert_allclose(CUPY.asnumpy(ag), a, rtol=1e-4, atol=1e-4)
+    s = rand(2, 3, 7, 7, dtype=np.float32)
+    np.testing.assert_allclose(CUPY.asnumpy(softmax_forward(CUPY.asarray(s), 0.5)[0]), softmax_forward(s, 0.5)[0],
+                               rtol=1e-5, atol=1e-6)
+    ln = layernorm_forward(CUPY.asarray(x), CUPY.asarray(w[:, 0]), CUPY.asarray(w[:, 1]))[0]
+    np.testing.assert_allclose(CUPY.asnumpy(ln), layernorm_forward(x, w[:, 0], w[:, 1])[0], rtol=1e-5, atol=1e-5)
+
+
+@requires_gpu
+def test_gpu_fused_gelu_and_adam_match_numpy():
+    x, dy = rand(300, 70, dtype=np.float32, scale=3.0), rand(300, 70, dtype=np.float32, seed=1)
+    y, cache = gelu_forward(x)
+    yg, cache_g = gelu_forward(CUPY.asarray(x))
+    np.testing.assert_allclose(CUPY.asnumpy(yg), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(CUPY.asnumpy(gelu_backward(CUPY.asarray(dy), cache_g)), gelu_backward(dy, cache),
+                               rtol=1e-5, atol=1e-5)
+    p, g = {"w": rand(300, 70, dtype=np.float32)}, {"w": x}
+    pg, gg = {"w": CUPY.asarray(p["w"])}, {"w": CUPY.asarray(x)}
+    s, sg = optimizer_init(p), optimizer_init(pg)
+    for _ in range(2):
+        optimizer_step(p, g, s, 1e-2, weight_decay=0.1)
+        optimizer_step(pg, gg, sg, 1e-2, weight_decay=0.1)
+    np.testing.assert_allclose(CUPY.asnumpy(pg["w"]), p["w"], rtol=1e-5, atol=1e-6)
+    assert pg["w"].dtype == CUPY.float32
+
+
+def test_gpu_kernels_construct():
+    cupy = pytest.importorskip("cupy")
+    for name in backend._GPU_SOURCES:
+        assert isinstance(backend.gpu_kernel(name), cupy.ElementwiseKernel)
