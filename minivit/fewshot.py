@@ -27,7 +27,7 @@ import numpy as np
 from minivit.backend import get_xp, to_numpy
 from minivit.layers import patch_embed_forward
 from minivit.model import vit_forward
-from minivit.mpp import encoder_forward
+from minivit.model import encoder_forward
 
 BIAS_CONSTANT = 100.0   # big_vision fewshot_lsr: a large constant bias feature, so the bias is barely regularized
 STD_EPS = 1e-5          # big_vision fewshot_lsr: std + 1e-5, so a constant feature does not divide by zero

@@ -180,6 +180,39 @@ def drop_path_rates(cfg):
     return [cfg.drop_path * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
+def encoder_forward(x, params, cfg, train=False, rng=None):
+    """x: (B, Np, D) patch embeddings -> (B, N, D) every token's final representation (after the final norm).
+
+    z0 = [x_class; x] + E_pos, dropout, the blocks, LN: the steps between the patch embedding and the pooling,
+    shared by vit_forward and by objectives that read the patch tokens (or change the embeddings first, as masked
+    patch prediction in minivit.mpp). The cache is a dict with keys tokens, drop, blocks, norm.
+    """
+    cache = {}
+    x, cache["tokens"] = tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
+    x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
+    cache["blocks"] = []
+    for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
+        x, c = block_forward(x, p, cfg, train, rng, rate)                                # (B, N, D)
+        cache["blocks"].append(c)
+    x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
+    return x, cache
+
+
+def encoder_backward(dy, cache):
+    """dy: (B, N, D) -> dx (B, Np, D), grads {cls_token (None for 'gap'), pos_embed, blocks, norm}."""
+    g = {}
+    dx, dw, db = layernorm_backward(dy, cache["norm"])
+    g["norm"] = {"w": dw, "b": db}
+    dblocks = []
+    for c in reversed(cache["blocks"]):
+        dx, gb = block_backward(dx, c)
+        dblocks.append(gb)
+    g["blocks"] = dblocks[::-1]
+    dx = dropout_backward(dx, cache["drop"])
+    dx, g["cls_token"], g["pos_embed"] = tokens_backward(dx, cache["tokens"])            # dx (B, Np, D)
+    return dx, g
+
+
 def vit_forward(params, images, cfg, train=False, rng=None):
     """images: (B, H, W, C) -> logits (B, K), cache.
 
@@ -192,13 +225,8 @@ def vit_forward(params, images, cfg, train=False, rng=None):
     cache = {}
     x, cache["patch_embed"] = patch_embed_forward(images, params["patch_embed"]["w"], params["patch_embed"]["b"],
                                                   cfg.patch_size)                       # (B, Np, D)
-    x, cache["tokens"] = tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
-    x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
-    cache["blocks"] = []
-    for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
-        x, c = block_forward(x, p, cfg, train, rng, rate)                                # (B, N, D)
-        cache["blocks"].append(c)
-    x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)
+    x, enc_cache = encoder_forward(x, params, cfg, train, rng)                          # (B, N, D)
+    cache.update(enc_cache)                                                              # tokens, drop, blocks, norm
     if cfg.pooling == "token":
         pooled = x[:, 0]                                                                 # (B, D) class token
     else:
@@ -231,22 +259,15 @@ def vit_backward(dlogits, cache):
         dx[:, 0] = dpooled
     else:
         dx = xp.broadcast_to((dpooled * (1.0 / N))[:, None, :], (B, N, D))              # fwd: pooled = mean(x)
-    dx, dw, db = layernorm_backward(dx, cache["norm"])
-    grads["norm"] = {"w": dw, "b": db}
-    dblocks = []
-    for c in reversed(cache["blocks"]):
-        dx, g = block_backward(dx, c)
-        dblocks.append(g)
-    dx = dropout_backward(dx, cache["drop"])
-    dx, dcls, dpos = tokens_backward(dx, cache["tokens"])
+    dx, enc = encoder_backward(dx, cache)                                               # (B, Np, D)
     dimages, dw, db = patch_embed_backward(dx, cache["patch_embed"])
     # Assemble in the parameters' own key order, so flatten(grads) lines up with flatten(params).
     out = {"patch_embed": {"w": dw, "b": db}}
-    if dcls is not None:
-        out["cls_token"] = dcls
-    out["pos_embed"] = dpos
-    out["blocks"] = dblocks[::-1]
-    out["norm"] = grads["norm"]
+    if enc["cls_token"] is not None:
+        out["cls_token"] = enc["cls_token"]
+    out["pos_embed"] = enc["pos_embed"]
+    out["blocks"] = enc["blocks"]
+    out["norm"] = enc["norm"]
     if "pre_logits" in grads:
         out["pre_logits"] = grads["pre_logits"]
     out["head"] = grads["head"]

@@ -42,11 +42,9 @@ from typing import NamedTuple
 import numpy as np
 
 from minivit.backend import get_xp, to_numpy
-from minivit.layers import (dropout_backward, dropout_forward, layernorm_backward, layernorm_forward, linear_backward,
-                            linear_forward, patch_embed_backward, patch_embed_forward, patchify, tokens_backward,
-                            tokens_forward)
+from minivit.layers import linear_backward, linear_forward, patch_embed_backward, patch_embed_forward, patchify
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
-from minivit.model import block_backward, block_forward, check_images, drop_path_rates
+from minivit.model import check_images, encoder_backward, encoder_forward
 from minivit.tree import flatten
 
 # Training settings `minivit pretrain-mpp` uses unless a flag says otherwise: no label smoothing of colour targets.
@@ -171,38 +169,6 @@ def mpp_targets(images, P, corruption, bits=3):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model: the ViT encoder with corrupted patch embeddings and a per-patch colour head.
-
-def encoder_forward(x, params, cfg, train=False, rng=None):
-    """x: (B, Np, D) patch embeddings -> (B, N, D) every token's final representation (after the final norm).
-
-    z0 = [x_class; x] + E_pos, dropout, the blocks, LN: vit_forward's steps between the patch embedding and the
-    pooling, for objectives that read the patch tokens (or change the embeddings first).
-    """
-    cache = {}
-    x, cache["tokens"] = tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
-    x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
-    cache["blocks"] = []
-    for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
-        x, c = block_forward(x, p, cfg, train, rng, rate)                                # (B, N, D)
-        cache["blocks"].append(c)
-    x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
-    return x, cache
-
-
-def encoder_backward(dy, cache):
-    """dy: (B, N, D) -> dx (B, Np, D), grads {cls_token (None for 'gap'), pos_embed, blocks, norm}."""
-    g = {}
-    dx, dw, db = layernorm_backward(dy, cache["norm"])
-    g["norm"] = {"w": dw, "b": db}
-    dblocks = []
-    for c in reversed(cache["blocks"]):
-        dx, gb = block_backward(dx, c)
-        dblocks.append(gb)
-    g["blocks"] = dblocks[::-1]
-    dx = dropout_backward(dx, cache["drop"])
-    dx, g["cls_token"], g["pos_embed"] = tokens_backward(dx, cache["tokens"])            # dx (B, Np, D)
-    return dx, g
-
 
 def mpp_forward(params, images, cfg, corruption, train=False, rng=None):
     """images: (B, H, W, C), corruption (B, n_c) -> logits (S, Kc), cache.   S = B * n_c, rows image by image.

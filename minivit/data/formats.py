@@ -27,7 +27,6 @@ array needs (see `RestrictedUnpickler`).
 """
 import gzip
 import io
-import os
 import pickle
 import struct
 import tarfile
