@@ -45,7 +45,7 @@ from minivit.backend import get_xp, to_numpy
 from minivit.layers import linear_backward, linear_forward, patch_embed_backward, patch_embed_forward, patchify
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import check_images, encoder_backward, encoder_forward
-from minivit.tree import flatten
+from minivit.tree import accumulate
 
 # Training settings `minivit pretrain-mpp` uses unless a flag says otherwise: no label smoothing of colour targets.
 PRETRAIN_DEFAULTS = dict(label_smoothing=0.0)
@@ -309,11 +309,7 @@ class MPPTask:
                                                    rng=np.random.default_rng([tc.seed, 2, step, m]),
                                                    smoothing=tc.label_smoothing)
             _, g = mpp_loss_backward(cache, micro / B)     # every image has n_c targets: the mean over the batch
-            if grads is None:
-                grads = g
-            else:
-                for acc, new in zip(flatten(grads).values(), flatten(g).values()):
-                    acc += new
+            grads = accumulate(grads, g)                                                  # sum over micro-batches
             total_loss += float(loss) * micro / B
             correct += int((to_numpy(logits.argmax(axis=1)) == targets).sum())
             counted += len(targets)

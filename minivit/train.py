@@ -27,6 +27,7 @@ from minivit.config import get_config
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
 from minivit.layers import linear_backward
+from minivit.tree import accumulate
 from minivit.optim import (OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at, optimizer_init, optimizer_step,
                            state_from_flat)
 
@@ -236,12 +237,7 @@ def loss_and_grads(params, cfg, x, targets, tc, step, freeze_backbone=False):
             g = head_backward(dlogits, cache)                                  # only the head learns
         else:
             _, g = vit_backward(dlogits, cache)
-        if grads is None:
-            grads = g
-        else:
-            from minivit.tree import flatten
-            for acc, new in zip(flatten(grads).values(), flatten(g).values()):
-                acc += new
+        grads = accumulate(grads, g)                                           # sum over micro-batches
         total_loss += float(loss) * micro / B
         all_logits.append(logits)
     return total_loss, grads, xp.concatenate(all_logits)
