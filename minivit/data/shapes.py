@@ -11,7 +11,7 @@ Classes (label: name, what is drawn, in units of the shape's radius R):
     3 crescent  a disc with an off-centre disc bitten out of it: open on one side
     4 square    a filled square
     5 triangle  a filled, roughly equilateral triangle
-    6 plus      two crossing bars of equal length (at a random rotation it may stand like an "x")
+    6 plus      two crossing bars of equal length, standing like a "+" (never tilted far enough to be an "x")
     7 star      a five-pointed star
     8 arrow     a shaft with a triangular head
     9 pair      two equal dots side by side with a gap between them (an arrangement, not a single blob)
@@ -194,7 +194,7 @@ def _render_one(rng, label, size):
     # end gives it back exactly)
     canvas = _background(rng, bg0, bg1, size).resize((side, side), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(_CLUTTER_BEHIND[0], _CLUTTER_BEHIND[1] + 1)):              # clutter behind the shape
+    for _ in range(rng.integers(_CLUTTER_BEHIND[0], _CLUTTER_BEHIND[1] + 1)):   # clutter behind the shape
         _clutter(draw, rng, side, unit, front=False)
 
     # the shape: unit polygons -> stretch -> rotate -> scale to radius R -> move so it lies inside the frame
@@ -214,7 +214,7 @@ def _render_one(rng, label, size):
         mdraw.polygon((poly + centre - [x0, y0]).ravel().tolist(), fill=fill)
     canvas.paste(tuple(int(round(c)) for c in fg), (x0, y0, x1, y1), mask)
 
-    for _ in range(rng.integers(_CLUTTER_FRONT[0], _CLUTTER_FRONT[1] + 1)):              # thin strokes across the shape
+    for _ in range(rng.integers(_CLUTTER_FRONT[0], _CLUTTER_FRONT[1] + 1)):     # thin strokes across the shape
         _clutter(draw, rng, side, unit, front=True)
 
     img = np.array(canvas.reduce(SUPERSAMPLE), dtype=np.float32)          # (size, size, 3) box-filtered
