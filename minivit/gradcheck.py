@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivit.backend import to_numpy
+from minivit.backend import get_xp, to_numpy
 
 
 @dataclass
@@ -51,8 +51,8 @@ def gradcheck(forward, backward, inputs, eps=1e-5, max_coords=64, seed=0):
     """
     rng = np.random.default_rng(seed)
     y = forward(inputs)
-    xp_dy = rng.standard_normal(size=y.shape)
-    dy = y * 0 + _like(y, xp_dy)                        # the same array module and dtype as y
+    dy_host = rng.standard_normal(size=y.shape)
+    dy = get_xp(y).asarray(dy_host, dtype=y.dtype)       # the same array module and dtype as y
     grads = backward(inputs, dy)
     results = []
     for name, x in inputs.items():
@@ -80,11 +80,6 @@ def gradcheck(forward, backward, inputs, eps=1e-5, max_coords=64, seed=0):
         results.append(GradcheckResult(name, tuple(x.shape), len(coords), relative_error(numeric, analytic),
                                        float(np.abs(numeric - analytic).max(initial=0.0))))
     return results
-
-
-def _like(y, host):
-    from minivit.backend import get_xp
-    return get_xp(y).asarray(host, dtype=y.dtype)
 
 
 def gradcheck_model(cfg, seed=0, batch=2, train=False, eps=1e-5, max_coords=32, device=None,

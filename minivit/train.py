@@ -24,12 +24,13 @@ import numpy as np
 from minivit.backend import get_backend, resolve_device, to_numpy
 from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minivit.config import get_config
+from minivit.data.transforms import augment_batch, mixup
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
 from minivit.layers import linear_backward
-from minivit.tree import accumulate
 from minivit.optim import (OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at, optimizer_init, optimizer_step,
                            state_from_flat)
+from minivit.tree import accumulate
 
 
 class TrainingError(RuntimeError):
@@ -502,5 +503,3 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     seconds = time.perf_counter() - t_start
     return TrainResult(params, cfg, history, run_dir, test_acc, best, step, seconds)
 
-
-from minivit.data.transforms import augment_batch, mixup  # noqa: E402  (data is imported lazily above)
