@@ -141,7 +141,7 @@ def synchronize(xp):
 # `row_blocks` does both. On CuPy arrays it calls the function once on the whole arrays (a GPU kernel covers a
 # whole array anyway), so the layers have one code path.
 
-BLOCK_ELEMS = 1 << 16        # elements per block: 256 KiB of float32 per array, a chain of a few fits in L2
+BLOCK_ELEMS = 1 << 18        # elements per block: 1 MiB of float32 per array
 MIN_BLOCKS = 2               # blocks per thread at least (smaller work runs on the caller's thread alone)
 
 _pool = None
@@ -296,19 +296,22 @@ def blas_threads(n):
         set_(before)
 
 
-SPLIT_GEMM = 1 << 24   # multiply-adds from which a product is split over the threads (below: one thread, no join)
+SPLIT_GEMM = 1 << 24      # multiply-adds from which a batched product is split over the threads (below: one thread)
+SPLIT_GEMM_2D = 1 << 27   # multiply-adds from which a 2-D product is split over the threads (below: BLAS's threads)
 
 
 def matmul(a, b, out=None):
     """a @ b for 2-D or batched (ndim >= 3, same batch) operands, into `out` when given (which may be a strided
     view with unit stride along its rows, e.g. heads written straight into a merged layout).
 
-    On the CPU the work is split over `num_threads()` threads, each part one single-threaded BLAS call: batched
-    products by the batch (first axis), 2-D ones by rows of the result (or by columns when it has few rows).
-    Attention's products are small ((N, hs) @ (hs, N) per image and head), and a BLAS that threads each of them
-    spends longer waking and joining its threads than multiplying; a threaded BLAS also synchronizes its threads
-    inside every product, which stalls whenever another process takes a core. Independent parts join once
-    (measured on a busy 2-core machine: a cifar-small step 2.1 s split against 2.7 s on BLAS's threads).
+    On the CPU, large products are split over `num_threads()` threads, each part one single-threaded BLAS call:
+    batched products by the batch (first axis), 2-D ones by rows of the result (or by columns when it has few
+    rows). Attention's products are small ((N, hs) @ (hs, N) per image and head), and a BLAS that threads each of
+    them spends longer waking and joining its threads than multiplying; independent parts join once. Large 2-D
+    products also run better split: OpenBLAS's threads go to sleep in the elementwise work between products and
+    wake slowly (cifar-small step, 2 threads: 1.05 s split, 1.30 s on BLAS's threads). Small 2-D products (under
+    SPLIT_GEMM_2D multiply-adds, e.g. every product of mnist-tiny) go to BLAS's own threads, which start
+    faster than a Python thread pool (mnist-tiny step: 35 ms against 38 ms split).
     """
     xp = get_xp(a)
     if out is None:
@@ -317,10 +320,10 @@ def matmul(a, b, out=None):
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     threads = num_threads()
     work = m * k * n * (math.prod(out.shape[:-2]) or 1)                 # multiply-adds
-    if xp is not np:
-        return xp.matmul(a, b, out=out)
-    if threads == 1 or work < SPLIT_GEMM:
-        with blas_threads(1):                          # too small to share out: one thread, no join
+    if xp is not np or threads == 1 or (out.ndim == 2 and work < SPLIT_GEMM_2D):
+        return xp.matmul(a, b, out=out)                # BLAS as it is set (small 2-D: its own threads)
+    if work < SPLIT_GEMM:
+        with blas_threads(1):                          # a small batched product: one thread, no join
             return xp.matmul(a, b, out=out)
     if out.ndim >= 3:
         if a.shape[0] != b.shape[0] or out.shape[0] < threads:

@@ -29,8 +29,10 @@ What is reported per case:
   each op's own time (its callees excluded), in ms per step.
 - `--vs-torch` (PyTorch installed; never a dependency): the same model in PyTorch eager (bench_torch.py: explicit
   attention math, GELU tanh, LayerNorm eps 1e-6, torch.optim.AdamW with the same decay mask) with the same
-  weights, timed the same way in its own process, the two processes stepping in turn (one step each, a short
-  pause between, so drift on a shared machine hits both and neither's idle threads spin while the other runs);
+  weights, timed the same way in its own process, the two processes taking turns (so drift on a shared machine
+  hits both; a short pause between turns lets the idle one's threads go to sleep). A turn is one step when steps
+  take 0.1 s or more; shorter steps go in turns of about half a second, after one untimed step that wakes the
+  threads and refills the caches the other process took (else a 30 ms step measures its cold start);
   then the logits and every gradient compared on one batch (max relative difference), and the ratio minivit/torch.
 
 `--device gpu`: the same steps on CuPy (and PyTorch on CUDA), synchronized before every clock read; memory is the
@@ -393,6 +395,12 @@ def _worker(argv):
             t0 = time.perf_counter()
             runner.step()
             reply = {"ms": (time.perf_counter() - t0) * 1e3}
+        elif cmd == "steps":
+            reply = {"ms": []}
+            for _ in range(int(rest[0])):
+                t0 = time.perf_counter()
+                runner.step()
+                reply["ms"].append((time.perf_counter() - t0) * 1e3)
         elif cmd == "mem":
             reply = {"rss_base_mb": base, "rss_peak_mb": max(peak_rss_mb(), base)}
             reply.update(runner.device_memory() if hasattr(runner, "device_memory") else {})
@@ -471,6 +479,9 @@ class Worker:
 # ----------------------------------------------------------------------------------------------------------------
 # One case, all frameworks
 
+TURN_MS = 500   # a turn of the interleaved timing lasts about this long (at least one step)
+
+
 def _stats(ms):
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
 
@@ -486,13 +497,21 @@ def run_case(case, device="cpu", threads=2, steps=10, warmup=2, vs_torch=False, 
         if vs_torch:
             workers.append(Worker("torch", case, device, threads, seed))
         times = {w.framework: [] for w in workers}
-        for i in range(warmup + steps):                  # interleaved: one step each, in turn
-            for w in (workers if i % 2 == 0 else workers[::-1]):
+        per_turn = 1
+        for w in workers:                                 # warm-up, and the length of a turn
+            warm = w.ask(f"steps {max(1, warmup)}")["ms"]
+            if warm[-1] < TURN_MS / 5:
+                per_turn = max(per_turn, min(steps, math.ceil(TURN_MS / warm[-1])))
+        turn = 0
+        while min(len(t) for t in times.values()) < steps:   # interleaved: the workers take turns
+            for w in (workers if turn % 2 == 0 else workers[::-1]):
                 if len(workers) > 1:
                     time.sleep(pause)                     # let the other process's idle threads go to sleep
-                ms = w.ask("step")["ms"]
-                if i >= warmup:
-                    times[w.framework].append(ms)
+                if per_turn == 1:
+                    times[w.framework].append(w.ask("step")["ms"])
+                else:                                     # one untimed step after the switch, then the turn
+                    times[w.framework] += w.ask(f"steps {per_turn + 1}")["ms"][1:]
+            turn += 1
         result = {"case": case.name, "config": case.config, "batch": case.batch,
                   "step": "training" if case.train else "forward", "device": device, "threads": threads,
                   "matmul_gflop": flops / 1e9}
