@@ -297,7 +297,7 @@ def blas_threads(n):
 
 
 SPLIT_GEMM = 1 << 24      # multiply-adds from which a batched product is split over the threads (below: one thread)
-SPLIT_GEMM_2D = 1 << 27   # multiply-adds from which a 2-D product is split over the threads (below: BLAS's threads)
+SPLIT_GEMM_2D = 1 << 25   # multiply-adds from which a 2-D product is split over the threads (below: BLAS's threads)
 
 
 def matmul(a, b, out=None):
@@ -308,10 +308,12 @@ def matmul(a, b, out=None):
     batched products by the batch (first axis), 2-D ones by rows of the result (or by columns when it has few
     rows). Attention's products are small ((N, hs) @ (hs, N) per image and head), and a BLAS that threads each of
     them spends longer waking and joining its threads than multiplying; independent parts join once. Large 2-D
-    products also run better split: OpenBLAS's threads go to sleep in the elementwise work between products and
-    wake slowly (cifar-small step, 2 threads: 1.05 s split, 1.30 s on BLAS's threads). Small 2-D products (under
-    SPLIT_GEMM_2D multiply-adds, e.g. every product of mnist-tiny) go to BLAS's own threads, which start
-    faster than a Python thread pool (mnist-tiny step: 35 ms against 38 ms split).
+    products also run better split (cifar-small step, 2 threads: 1.05 s split, 1.30 s on BLAS's threads): after
+    each product OpenBLAS's idle threads keep spinning for a while and take the cores from the elementwise row
+    blocks that come next. Small 2-D products (under SPLIT_GEMM_2D multiply-adds, e.g. every product of
+    mnist-tiny, whose elementwise work is too small to share out anyway) go to BLAS's own threads, which start
+    faster than a Python thread pool (mnist-tiny step: 35 ms against 38 ms split). The package's other BLAS calls
+    (row and column sums as matrix-vector products) run on one BLAS thread, so they leave no thread spinning.
     """
     xp = get_xp(a)
     if out is None:
@@ -320,9 +322,12 @@ def matmul(a, b, out=None):
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     threads = num_threads()
     work = m * k * n * (math.prod(out.shape[:-2]) or 1)                 # multiply-adds
-    if xp is not np or threads == 1 or (out.ndim == 2 and work < SPLIT_GEMM_2D):
-        return xp.matmul(a, b, out=out)                # BLAS as it is set (small 2-D: its own threads)
-    if work < SPLIT_GEMM:
+    if xp is not np:
+        return xp.matmul(a, b, out=out)
+    if out.ndim == 2 and work < SPLIT_GEMM_2D:
+        with blas_threads(threads):                    # a small 2-D product: on BLAS's own threads
+            return xp.matmul(a, b, out=out)
+    if threads == 1 or work < SPLIT_GEMM:
         with blas_threads(1):                          # a small batched product: one thread, no join
             return xp.matmul(a, b, out=out)
     if out.ndim >= 3:
@@ -362,6 +367,12 @@ _GPU_SOURCES = {
                        "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
                        "dx = dy * ((T)0.5 * ((T)1 + t) + ((T)1 - t * t) * (T)0.3989422804014327 * x"
                        " * ((T)1 + (T)0.134145 * x * x))"),
+    # layers._gelu_tanh_value_grad_rows: y = gelu(x) and dx = dy gelu'(x), both from one t
+    "gelu_tanh_value_grad": ("T x, T dy", "T y, T dx",
+                             "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
+                             "y = (T)0.5 * x * ((T)1 + t);"
+                             "dx = dy * ((T)0.5 * ((T)1 + t) + ((T)1 - t * t) * (T)0.3989422804014327 * x"
+                             " * ((T)1 + (T)0.134145 * x * x))"),
     # optim._adam_rows: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p * decay - step m / (sqrt(v / c2) + eps)
     "adam": ("T g, T b1, T b2, T eps, T c2, T step, T decay", "T p, T m, T v",
              "m = b1 * m + ((T)1 - b1) * g; v = b2 * v + ((T)1 - b2) * (g * g);"

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from minivit.backend import get_xp, gpu_kernel, matmul, row_blocks, scratch
+from minivit.backend import blas_threads, get_xp, gpu_kernel, matmul, row_blocks, scratch
 
 
 _ONES = {}
@@ -38,7 +38,21 @@ def _row_sum(x):
     key = (x.shape[-1], x.dtype)
     if key not in _ONES:
         _ONES[key] = np.ones((x.shape[-1], 1), x.dtype)
-    return x @ _ONES[key]
+    with blas_threads(1):                                # (threaded BLAS would leave its threads spinning)
+        return x @ _ONES[key]
+
+
+def _col_sum(x):
+    """x: (r, n) -> (n,) = x.sum(axis=0), as the vector-matrix product ones(r) @ x on the CPU (BLAS: 2-4x faster than
+    NumPy's reduction over rows at the sizes of a bias gradient)."""
+    xp = get_xp(x)
+    if xp is not np:
+        return x.sum(axis=0)
+    key = (x.shape[0], x.dtype, "row")
+    if key not in _ONES:
+        _ONES[key] = np.ones(x.shape[0], x.dtype)
+    with blas_threads(1):                                # (threaded BLAS would leave its threads spinning)
+        return _ONES[key] @ x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,12 +136,17 @@ def tokens_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------------------------
 # Linear layer.
 
+def _add_rows(y, b):
+    """y += b on one block of rows (b broadcasts over them)."""
+    y += b
+
+
 def linear_forward(x, w, b):
     """x: (..., D_in), w: (D_in, D_out), b: (D_out,) -> (..., D_out).   y = x @ w + b"""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])                      # (R, D_in): one GEMM for all rows
     y = matmul(x2, w)                                    # (R, D_out)  x @ w
-    y += b                                               # (one pass over y: nothing to chain it with)
+    row_blocks(lambda yb: _add_rows(yb, b), y)           # y += b, on row blocks over the threads
     return y.reshape(*lead, w.shape[1]), (x, w)
 
 
@@ -137,12 +156,22 @@ def linear_backward(dy, cache):
     dx = dy @ w^T;  dw = x^T @ dy (summed over all rows);  db = sum of dy over all rows.
     """
     x, w = cache
-    dy2 = dy.reshape(-1, dy.shape[-1])                   # (R, D_out)
-    x2 = x.reshape(-1, x.shape[-1])                      # (R, D_in)
-    dx = matmul(dy2, w.T).reshape(x.shape)               # (..., D_in)   dy @ w^T
-    dw = matmul(x2.T, dy2)                               # (D_in, D_out) x^T @ dy
-    db = dy2.sum(axis=0)                                 # (D_out,)
+    dx = linear_input_grad(dy, w).reshape(x.shape)       # (..., D_in)
+    dw, db = linear_param_grads(dy, x)                   # (D_in, D_out), (D_out,)
     return dx, dw, db
+
+
+def linear_input_grad(dy, w):
+    """The input half of linear_backward: dy (..., D_out) -> dx (..., D_in) = dy @ w^T."""
+    dx = matmul(dy.reshape(-1, dy.shape[-1]), w.T)       # (R, D_in)   dy @ w^T, all rows in one product
+    return dx.reshape(*dy.shape[:-1], w.shape[0])
+
+
+def linear_param_grads(dy, x):
+    """The parameter half of linear_backward: dw = x^T @ dy (D_in, D_out), db = sum of dy over rows (D_out,)."""
+    dy2 = dy.reshape(-1, dy.shape[-1])                   # (R, D_out)
+    dw = matmul(x.reshape(-1, x.shape[-1]).T, dy2)       # (D_in, D_out) x^T @ dy
+    return dw, _col_sum(dy2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,8 +213,8 @@ def _layernorm_grad_rows(dy, xhat, rstd, w, dx):
     xp = get_xp(dy)
     g = scratch(dy)
     xp.multiply(dy, xhat, out=g)                         # dy * xhat
-    dw = g.sum(axis=0)                                   # (D,) partial sum
-    db = dy.sum(axis=0)                                  # (D,) partial sum
+    dw = _col_sum(g)                                     # (D,) partial sum
+    db = _col_sum(dy)                                    # (D,) partial sum
     xp.multiply(dy, w, out=g)                            # g = dy * w
     xp.multiply(g, xhat, out=dx)                         # g * xhat (dx as scratch)
     inv_d = 1.0 / dy.shape[-1]
@@ -274,11 +303,10 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def _tanh_u_rows(x, t):
     """t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), in place in t (the tanh GELU's inner part)."""
     xp = get_xp(x)
-    xp.multiply(x, 0.044715, out=t)                      # 0.044715 x
-    t *= x
-    t *= x                                               # 0.044715 x^3
-    t += x                                               # x + 0.044715 x^3
-    t *= _SQRT_2_OVER_PI                                 # u
+    xp.multiply(x, x, out=t)                             # x^2
+    t *= 0.044715 * _SQRT_2_OVER_PI
+    t += _SQRT_2_OVER_PI                                 # sqrt(2/pi) (1 + 0.044715 x^2)
+    t *= x                                               # u
     xp.tanh(t, out=t)                                    # t = tanh(u)
 
 
@@ -288,36 +316,45 @@ def _gelu_tanh_rows(x, y):
         gpu_kernel("gelu_tanh")(x, y)                    # CuPy: the same formula as one fused kernel
         return
     _tanh_u_rows(x, y)                                   # t
-    y += 1.0                                             # 1 + t
-    y *= x                                               # x (1 + t)
-    y *= 0.5                                             # gelu(x) = 0.5 x (1 + t)
+    y *= 0.5
+    y += 0.5                                             # (1 + t) / 2
+    y *= x                                               # gelu(x) = 0.5 x (1 + t)
 
 
 def _gelu_tanh_grad_rows(x, dy, dx):
-    """dx = dy * gelu'(x) on one block of rows, recomputing t = tanh(u) from x (the cache keeps only x):
+    """dx = dy * gelu'(x) on one block of rows, recomputing gelu(x) from x (the cache keeps only x)."""
+    if get_xp(x) is not np:
+        gpu_kernel("gelu_tanh_grad")(x, dy, dx)          # CuPy: the same formula as one fused kernel
+        return
+    _gelu_tanh_value_grad_rows(x, dy, scratch(x, slot=2), dx)
 
-    gelu'(x) = 0.5 (1 + t) + (1 - t^2) (0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2))
+
+def _gelu_tanh_value_grad_rows(x, dy, y, dx):
+    """y = gelu(x) and dx = dy * gelu'(x) on one block of rows; returns the block's sum of dx over its rows (its
+    share of db). With p = (1 + t) / 2 = sigmoid(2u), gelu(x) = x p, and dp/du = 2 p (1 - p):
+
+        gelu'(x) = p + x 2 p (1 - p) u'(x) = p + 2 y (1 - p) u'(x),   u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+
+    (the same derivative as gelu_backward's, with y and p in place of t: fewer passes over the block).
     """
     xp = get_xp(x)
     if xp is not np:
-        gpu_kernel("gelu_tanh_grad")(x, dy, dx)          # CuPy: the same formula as one fused kernel
-        return
-    t, a = scratch(x, slot=0), scratch(x, slot=1)
+        gpu_kernel("gelu_tanh_value_grad")(x, dy, y, dx)   # CuPy: the same formulas as one fused kernel
+        return dx.sum(axis=0)
+    p, a = scratch(x, slot=0), scratch(x, slot=1)
+    _tanh_u_rows(x, p)                                   # t = tanh(u)
+    p *= 0.5
+    p += 0.5                                             # p = (1 + t) / 2
+    xp.multiply(x, p, out=y)                             # y = gelu(x) = x p
     xp.multiply(x, x, out=a)                             # x^2
-    xp.multiply(a, 0.044715 * _SQRT_2_OVER_PI, out=t)
-    t += _SQRT_2_OVER_PI
-    t *= x                                               # u = sqrt(2/pi) (x + 0.044715 x^3)
-    xp.tanh(t, out=t)                                    # t = tanh(u)
-    a *= 1.5 * 0.044715 * _SQRT_2_OVER_PI
-    a += 0.5 * _SQRT_2_OVER_PI
-    a *= x                                               # 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2)
-    xp.multiply(t, t, out=dx)                            # t^2 (dx as scratch)
-    xp.subtract(1.0, dx, out=dx)                         # 1 - t^2
-    a *= dx                                              # (1 - t^2) 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2)
-    t *= 0.5
-    t += 0.5                                             # 0.5 (1 + t)
-    a += t                                               # gelu'(x)
+    a *= 2.0 * 3.0 * 0.044715 * _SQRT_2_OVER_PI
+    a += 2.0 * _SQRT_2_OVER_PI                           # 2 u'(x)
+    a *= y                                               # 2 y u'(x)
+    xp.subtract(1.0, p, out=dx)                          # 1 - p (dx as scratch)
+    a *= dx                                              # 2 y (1 - p) u'(x)
+    a += p                                               # gelu'(x)
     xp.multiply(dy, a, out=dx)                           # dx = dy * gelu'(x)
+    return _col_sum(dx)
 
 
 def gelu_forward(x, approximate="tanh"):
@@ -367,8 +404,10 @@ def _bias_gelu_tanh_rows(u, y, b):
 
 def _gelu_tanh_grad_sum_rows(u, dy, du):
     """du = dy * gelu'(u) on one block of rows; returns the block's sum of du over its rows (its share of db)."""
-    _gelu_tanh_grad_rows(u, dy, du)
-    return du.sum(axis=0)
+    if get_xp(u) is not np:
+        _gelu_tanh_grad_rows(u, dy, du)
+        return du.sum(axis=0)
+    return _gelu_tanh_value_grad_rows(u, dy, scratch(u, slot=2), du)
 
 
 def linear_gelu_forward(x, w, b, approximate="tanh"):
@@ -399,24 +438,35 @@ def linear_gelu_output(cache):
     return y.reshape(*x.shape[:-1], w.shape[1])
 
 
-def linear_gelu_backward(dy, cache):
-    """dy: (..., D_out) -> dx (..., D_in), dw (D_in, D_out), db (D_out,).
+def linear_gelu_backward(dy, cache, output=False):
+    """dy: (..., D_out) -> dx (..., D_in), dw (D_in, D_out), db (D_out,) [, y (..., D_out) with output=True].
 
     du = dy * gelu'(u) (with db = sum of du over rows, in the same pass);  dx = du @ w^T;  dw = x^T @ du.
+    output=True also returns the forward output y = gelu(u), recomputed in the same pass (it shares tanh(u) with
+    gelu'(u)), for a caller that did not keep y (mlp_backward).
     """
     (x, w), (u, approximate) = cache
-    if approximate != "tanh":
-        return linear_backward(gelu_backward(dy, (u, approximate)), (x, w))
     xp = get_xp(dy)
+    u = u.reshape(-1, u.shape[-1])                       # (R, D_out)
+    dy2 = xp.ascontiguousarray(dy).reshape(u.shape)      # (R, D_out)
     du = xp.empty_like(u)                                # (R, D_out)
     # fwd: y = gelu(u)
-    parts = row_blocks(_gelu_tanh_grad_sum_rows, u, xp.ascontiguousarray(dy).reshape(u.shape), du)
+    if approximate != "tanh":                            # the exact form: the GELU layer's own backward
+        du = gelu_backward(dy2, (u, approximate))
+        parts, y = [_col_sum(du)], gelu_forward(u, approximate)[0] if output else None
+    elif output:
+        y = xp.empty_like(u)                             # (R, D_out)
+        parts = row_blocks(_gelu_tanh_value_grad_rows, u, dy2, y, du)
+    else:
+        parts = row_blocks(_gelu_tanh_grad_sum_rows, u, dy2, du)
     db = parts[0]
     for part in parts[1:]:
         db += part                                       # db = sum of du over all rows
     # fwd: u = x @ w + b
-    dx = matmul(du, w.T).reshape(x.shape)                # (..., D_in)   du @ w^T
+    dx = linear_input_grad(du, w).reshape(x.shape)       # (..., D_in)   du @ w^T
     dw = matmul(x.reshape(-1, x.shape[-1]).T, du)        # (D_in, D_out) x^T @ du
+    if output:
+        return dx, dw, db, y.reshape(*x.shape[:-1], w.shape[1])
     return dx, dw, db
 
 

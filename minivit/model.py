@@ -19,8 +19,8 @@ from minivit.backend import get_xp, to_device
 from minivit.config import param_shapes
 from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward,
                             layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                            linear_gelu_backward, linear_gelu_forward, linear_gelu_output, patch_embed_backward,
-                            patch_embed_forward, tokens_backward, tokens_forward)
+                            linear_gelu_backward, linear_gelu_forward, linear_input_grad, linear_param_grads,
+                            patch_embed_backward, patch_embed_forward, tokens_backward, tokens_forward)
 from minivit.tree import flatten, unflatten
 
 
@@ -110,13 +110,20 @@ def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0):
 
 
 def mlp_backward(dy, cache):
-    """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}."""
+    """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}.
+
+    fc2's input h = drop(gelu(u)) was not kept, and its weight gradient dfc2_w = h^T dy needs it. So the input
+    gradient dh = dy fc2_w^T comes first (it needs only the weight); then one pass over u recomputes gelu(u) and
+    computes du = dh gelu'(u) together (they share tanh(u)); then the weight gradients.
+    """
     fc1_cache, drop1_cache, fc2_w, drop2_cache = cache
     dy = dropout_backward(dy, drop2_cache)
-    h = dropout_backward(linear_gelu_output(fc1_cache), drop1_cache)    # h = drop(gelu(u)), recomputed (same mask)
-    dh, dfc2_w, dfc2_b = linear_backward(dy, (h, fc2_w))                # fwd: y = h @ fc2_w + fc2_b
-    dh = dropout_backward(dh, drop1_cache)
-    dx, dfc1_w, dfc1_b = linear_gelu_backward(dh, fc1_cache)            # fwd: h = gelu(x @ fc1_w + fc1_b)
+    # fwd: y = h @ fc2_w + fc2_b
+    dh = dropout_backward(linear_input_grad(dy, fc2_w), drop1_cache)   # (R, M)  dy @ fc2_w^T, through the dropout
+    # fwd: h = drop(gelu(x @ fc1_w + fc1_b))
+    dx, dfc1_w, dfc1_b, h = linear_gelu_backward(dh, fc1_cache, output=True)   # h = gelu(u) from the same pass
+    h = dropout_backward(h, drop1_cache)                               # h * mask: the forward's dropout again
+    dfc2_w, dfc2_b = linear_param_grads(dy, h)                         # fwd: y = h @ fc2_w + fc2_b
     return dx, {"fc1_w": dfc1_w, "fc1_b": dfc1_b, "fc2_w": dfc2_w, "fc2_b": dfc2_b}
 
 

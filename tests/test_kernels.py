@@ -148,9 +148,14 @@ def test_linear_gelu_is_linear_then_gelu(threads, dtype):
     np.testing.assert_allclose(dw, x.reshape(-1, 64).T @ du.reshape(-1, 400), **t)
     np.testing.assert_allclose(db, du.reshape(-1, 400).sum(0), **t)
     np.testing.assert_array_equal(linear_gelu_output(cache), y)   # the recomputed output is the output
+    *grads, y_again = linear_gelu_backward(dy, cache, output=True)  # the fused value-and-gradient pass
+    np.testing.assert_allclose(y_again, y, **tol(dtype))
+    for a, b_ in zip(grads, (dx, dw, db)):
+        np.testing.assert_allclose(a, b_, **tol(dtype))
     ye, ce = linear_gelu_forward(x, w, b, "exact")           # the exact form goes through the plain layers
     np.testing.assert_array_equal(linear_gelu_output(ce), ye)
     assert ye.shape == y.shape and linear_gelu_backward(dy, ce)[0].shape == x.shape
+    np.testing.assert_array_equal(linear_gelu_backward(dy, ce, output=True)[3], ye)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,6 +228,8 @@ def test_gpu_kernels_match_numpy():
     np.testing.assert_allclose(CUPY.asnumpy(yg), y, rtol=1e-5, atol=1e-5)
     for a, ag in zip(linear_gelu_backward(dy, c), linear_gelu_backward(CUPY.asarray(dy), cg)):
         np.testing.assert_allclose(CUPY.asnumpy(ag), a, rtol=1e-4, atol=1e-4)
+    for a, ag in zip(linear_gelu_backward(dy, c, output=True), linear_gelu_backward(CUPY.asarray(dy), cg, output=True)):
+        np.testing.assert_allclose(CUPY.asnumpy(ag), a, rtol=1e-4, atol=1e-4)   # the fused value-and-gradient kernel
     s = rand(2, 3, 7, 7, dtype=np.float32)
     np.testing.assert_allclose(CUPY.asnumpy(softmax_forward(CUPY.asarray(s), 0.5)[0]), softmax_forward(s, 0.5)[0],
                                rtol=1e-5, atol=1e-6)
