@@ -5,6 +5,7 @@ float32 and float64, on arrays large enough to be cut into several row blocks an
 must stay float32. Where CuPy and a GPU are present, the same functions run on CuPy and must match NumPy.
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -215,6 +216,43 @@ def test_blocked_adamw_matches_plain_formula(threads, dtype):
     for k in p:
         assert p[k].dtype == state["m"][k].dtype == state["v"][k].dtype == dtype
         np.testing.assert_allclose(p[k], ref[k], rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+# ---- GPU twins: their CUDA formulas, checked on the CPU
+
+def run_gpu_source(name, **arrays):
+    """Evaluate the body of GPU kernel `name` with NumPy on float64 arrays: the CUDA statements are plain
+    arithmetic, so dropping the (T) casts and the `T` declarations leaves Python. Returns the output variables."""
+    params, outs, body = backend._GPU_SOURCES[name]
+    env = {"tanh": np.tanh, "sqrt": np.sqrt, **arrays}
+    for decl in outs.split(","):
+        env.setdefault(decl.split()[-1], None)
+    code = re.sub(r"\(T\)", "", body)
+    code = re.sub(r"\bT\s+(\w+)\s*=", r"\1 =", code)
+    for statement in code.split(";"):
+        if statement.strip():
+            exec(statement.strip(), {"__builtins__": {}}, env)
+    return [env[decl.split()[-1]] for decl in outs.split(",")]
+
+
+def test_gpu_kernel_formulas_match_the_references():
+    x, dy = rand(500, scale=3.0), rand(500, seed=1)
+    (y,) = run_gpu_source("gelu_tanh", x=x)
+    np.testing.assert_allclose(y, ref_gelu(x), rtol=1e-12, atol=1e-14)
+    (dx,) = run_gpu_source("gelu_tanh_grad", x=x, dy=dy)
+    np.testing.assert_allclose(dx, dy * ref_gelu_grad(x), rtol=1e-12, atol=1e-14)
+    y2, dx2 = run_gpu_source("gelu_tanh_value_grad", x=x, dy=dy)
+    np.testing.assert_allclose(y2, ref_gelu(x), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx2, dx, rtol=1e-12, atol=1e-14)
+    p, g, m, v = rand(50), rand(50, seed=1), rand(50, seed=2), np.abs(rand(50, seed=3))
+    lr, b1, b2, eps, c2, decay = 0.01, 0.9, 0.999, 1e-8, 0.3, 0.99
+    p1, m1, v1 = run_gpu_source("adam", g=g, b1=b1, b2=b2, eps=eps, c2=c2, step=lr, decay=decay,
+                                p=p.copy(), m=m.copy(), v=v.copy())
+    m_ref = b1 * m + (1 - b1) * g
+    v_ref = b2 * v + (1 - b2) * g * g
+    np.testing.assert_allclose(m1, m_ref, rtol=1e-13)
+    np.testing.assert_allclose(v1, v_ref, rtol=1e-13)
+    np.testing.assert_allclose(p1, p * decay - lr * m_ref / (np.sqrt(v_ref / c2) + eps), rtol=1e-12)
 
 
 # ---- GPU twins (CuPy), where a GPU exists
