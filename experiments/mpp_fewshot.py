@@ -8,9 +8,15 @@ For each seed s:
                                                                                    and of the fine-tuned model
   (c) random:   init_params(cfg, seed=s)                                        -> few-shot only
 Few-shot: minivit.fewshot (big_vision's fewshot_lsr: standardized features, bias 100, l2 = 2^10), shots drawn
-from `labelled` with shot seeds 0, 1, 2, scored on the test split.
+from `labelled` with shot seeds 0, 1, 2, scored on the test split; on two representations: 'pooled' (the class
+token after the final norm, the paper's) and 'patch_mean' (the mean patch token: masked patch prediction trains
+the patch tokens' outputs and never the class token's).
 
-    python experiments/mpp_fewshot.py --seeds 0,1,2 --pre-epochs 3 --pre-batch 64   # the README's table (~25 min)
+    --fewshot-from RUN_DIR   re-score the checkpoints an earlier run left in RUN_DIR (scratch-sS, mpp-pre-sS,
+                             mpp-ft-sS) without training; the labelled sets are drawn again from the same seeds.
+
+    python experiments/mpp_fewshot.py --seeds 0,1,2 --labelled 3500 --pre-epochs 10 --pre-batch 128 --width 128 \
+        --depth 4 --heads 4 --mlp-dim 256 --threads 2 --out runs/mpp-fewshot-3500      # the README's table
 """
 import argparse
 import json
@@ -41,9 +47,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="scratch,mpp,random", help="which arms to run")
     ap.add_argument("--out", default="runs/mpp-fewshot")
+    ap.add_argument("--fewshot-from", default=None, metavar="RUN_DIR",
+                    help="only re-score the checkpoints of an earlier run (both representations)")
     args = ap.parse_args()
     set_threads(args.threads)
 
+    from minivit.checkpoint import load_checkpoint
     from minivit.data import Dataset, load_dataset, normalize
     from minivit.fewshot import fewshot_model
     from minivit.finetune import prepare_finetune
@@ -73,22 +82,36 @@ def main():
                                epochs=args.ft_epochs, batch_size=args.ft_batch, lr=args.ft_lr, weight_decay=0.05,
                                seed=seed, eval_every=args.ft_epochs, out=str(out / f"{name}-s{seed}"))
 
-        def fewshot(params, cfg):
-            table = fewshot_model(params, cfg, labelled, norm)
+        def fewshot(params, cfg, representation="pooled"):
+            table = fewshot_model(params, cfg, labelled, norm, representation=representation)
             return {row["shots"]: row["accuracy"] for row in table}
 
         row = {"seed": seed}
+        if args.fewshot_from:                             # re-score an earlier run's checkpoints, both ways
+            for arm, run in (("scratch", "scratch"), ("mpp_pre", "mpp-pre"), ("mpp_ft", "mpp-ft")):
+                params, cfg, _ = load_checkpoint(Path(args.fewshot_from) / f"{run}-s{seed}" / "last.npz")
+                for rep in ("pooled", "patch_mean"):
+                    row[f"{arm}_fewshot_{rep}"] = fewshot(params, cfg, rep)
+            cfg = resolve_model(finetune_config("random"), labelled)
+            for rep in ("pooled", "patch_mean"):
+                row[f"random_fewshot_{rep}"] = fewshot(init_params(cfg, seed=seed), cfg, rep)
+            print(f"seed {seed}: " + "; ".join(f"{k} {v}" for k, v in row.items() if k != "seed"), flush=True)
+            results.append(row)
+            (out / "fewshot.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
+            continue
         if "scratch" in arms:
             t = time.perf_counter()
             r = train(finetune_config("scratch"), data=labelled, progress=False, log=None)
             row["scratch_s"] = time.perf_counter() - t
             row["scratch_acc"] = r.test_accuracy
             row["scratch_fewshot"] = fewshot(r.params, r.cfg)
+            row["scratch_fewshot_patch_mean"] = fewshot(r.params, r.cfg, "patch_mean")
             print(f"seed {seed} scratch: acc {r.test_accuracy:.4f} ({row['scratch_s']:.0f} s) few-shot "
                   f"{row['scratch_fewshot']}", flush=True)
         if "random" in arms:
             cfg = resolve_model(finetune_config("random"), labelled)
             row["random_fewshot"] = fewshot(init_params(cfg, seed=seed), cfg)
+            row["random_fewshot_patch_mean"] = fewshot(init_params(cfg, seed=seed), cfg, "patch_mean")
             print(f"seed {seed} random init few-shot {row['random_fewshot']}", flush=True)
         if "mpp" in arms:
             t = time.perf_counter()
@@ -100,6 +123,7 @@ def main():
             row["mpp_pre_s"] = time.perf_counter() - t
             row["mpp_colour_acc"] = pre.test_accuracy
             row["mpp_pre_fewshot"] = fewshot(pre.params, pre.cfg)
+            row["mpp_pre_fewshot_patch_mean"] = fewshot(pre.params, pre.cfg, "patch_mean")
             print(f"seed {seed} mpp pre-training: colour acc {pre.test_accuracy:.4f} train loss "
                   f"{pre.history[-1]['train_loss']:.3f} ({row['mpp_pre_s']:.0f} s) few-shot {row['mpp_pre_fewshot']}",
                   flush=True)
@@ -109,6 +133,7 @@ def main():
             row["mpp_ft_s"] = time.perf_counter() - t
             row["mpp_ft_acc"] = r.test_accuracy
             row["mpp_ft_fewshot"] = fewshot(r.params, r.cfg)
+            row["mpp_ft_fewshot_patch_mean"] = fewshot(r.params, r.cfg, "patch_mean")
             print(f"seed {seed} mpp fine-tuned: acc {r.test_accuracy:.4f} ({row['mpp_ft_s']:.0f} s) few-shot "
                   f"{row['mpp_ft_fewshot']}", flush=True)
         results.append(row)
@@ -123,10 +148,9 @@ def summarize(rows):
     print("\n(mean ± sample std over seeds, %)")
     for key in ("scratch_acc", "mpp_ft_acc"):
         if key in rows[0]:
-            print(f"{key:>16}: {ms([r[key] for r in rows])}")
-    for key in ("random_fewshot", "scratch_fewshot", "mpp_pre_fewshot", "mpp_ft_fewshot"):
-        if key in rows[0]:
-            print(f"{key:>16}: " + "  ".join(f"{n}-shot {ms([r[key][n] for r in rows])}" for n in rows[0][key]))
+            print(f"{key:>26}: {ms([r[key] for r in rows])}")
+    for key in [k for k in rows[0] if "fewshot" in k]:
+        print(f"{key:>26}: " + "  ".join(f"{n}-shot {ms([r[key][n] for r in rows])}" for n in rows[0][key]))
 
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ class MinivitRunner:
             _, grads = vit_backward(cross_entropy_backward(ce_cache), cache)
             optimizer_step(self.params, grads, self.state, LR, kind="adamw", weight_decay=WEIGHT_DECAY)
         else:
-            vit_forward(self.params, self.images, self.cfg)
+            vit_forward(self.params, self.images, self.cfg, keep_cache=False)   # inference: as torch.no_grad
         synchronize(self.xp)
 
     def dump(self, path, n=4):

@@ -61,11 +61,11 @@ def extract_features(params, cfg, images, normalize_fn, batch_size=500, represen
     for i in range(0, len(images), batch_size):
         x = xp.asarray(normalize_fn(images[i:i + batch_size]), dtype=params["pos_embed"].dtype)
         if representation == "pooled":
-            _, cache = vit_forward(params, x, cfg)
+            _, cache = vit_forward(params, x, cfg, keep_cache=False)
             feats = cache["pooled"]                                             # (b, F)
         else:
             e, _ = patch_embed_forward(x, params["patch_embed"]["w"], params["patch_embed"]["b"], cfg.patch_size)
-            y, _ = encoder_forward(e, params, cfg)                              # (b, N, D)
+            y, _ = encoder_forward(e, params, cfg, keep_cache=False)                            # (b, N, D)
             feats = y[:, cfg.n_prefix:].mean(axis=1)                            # (b, D)
         out.append(np.asarray(to_numpy(feats), dtype=np.float64))
     return np.concatenate(out) if out else np.zeros((0, feature_width(cfg, representation)))

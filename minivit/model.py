@@ -187,26 +187,32 @@ def drop_path_rates(cfg):
     return [cfg.drop_path * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
-def encoder_forward(x, params, cfg, train=False, rng=None):
+def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
     """x: (B, Np, D) patch embeddings -> (B, N, D) every token's final representation (after the final norm).
 
     z0 = [x_class; x] + E_pos, dropout, the blocks, LN: the steps between the patch embedding and the pooling,
     shared by vit_forward and by objectives that read the patch tokens (or change the embeddings first, as masked
     patch prediction in minivit.mpp). The cache is a dict with keys tokens, drop, blocks, norm.
+    keep_cache=False (inference): each block's cache is dropped once the next block runs, so only one block's
+    activations are alive at a time; cache["blocks"] is None then, and there is no backward pass.
     """
     cache = {}
     x, cache["tokens"] = tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
     x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
-    cache["blocks"] = []
+    cache["blocks"] = [] if keep_cache else None
     for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
         x, c = block_forward(x, p, cfg, train, rng, rate)                                # (B, N, D)
-        cache["blocks"].append(c)
+        if keep_cache:
+            cache["blocks"].append(c)
     x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
     return x, cache
 
 
 def encoder_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, Np, D), grads {cls_token (None for 'gap'), pos_embed, blocks, norm}."""
+    if cache["blocks"] is None:
+        raise ValueError("this forward pass ran with keep_cache=False (inference): it kept nothing to backpropagate "
+                         "through; run it with keep_cache=True")
     g = {}
     dx, dw, db = layernorm_backward(dy, cache["norm"])
     g["norm"] = {"w": dw, "b": db}
@@ -220,19 +226,21 @@ def encoder_backward(dy, cache):
     return dx, g
 
 
-def vit_forward(params, images, cfg, train=False, rng=None):
+def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True):
     """images: (B, H, W, C) -> logits (B, K), cache.
 
     `train=True` turns dropout and stochastic depth on; their masks come from `rng` (a NumPy Generator) and are
     kept in the cache. Returns `(logits, cache)`; the pooled representation is `cache["pooled"]` and the
-    attention probabilities are `attention_probs(cache)`.
+    attention probabilities are `attention_probs(cache)`. `keep_cache=False` (inference: predict, evaluate)
+    keeps only one block's activations alive at a time; the cache then has the pooled representation but no
+    blocks, and cannot go through vit_backward.
     """
     check_images(images, cfg, params["pos_embed"].dtype)
     xp = get_xp(images)
     cache = {}
     x, cache["patch_embed"] = patch_embed_forward(images, params["patch_embed"]["w"], params["patch_embed"]["b"],
                                                   cfg.patch_size)                       # (B, Np, D)
-    x, enc_cache = encoder_forward(x, params, cfg, train, rng)                          # (B, N, D)
+    x, enc_cache = encoder_forward(x, params, cfg, train, rng, keep_cache)              # (B, N, D)
     cache.update(enc_cache)                                                              # tokens, drop, blocks, norm
     if cfg.pooling == "token":
         pooled = x[:, 0]                                                                 # (B, D) class token
@@ -283,6 +291,8 @@ def vit_backward(dlogits, cache):
 
 def attention_probs(cache):
     """The attention probabilities of every layer of a forward pass: a list of L arrays (B, nh, N, N)."""
+    if cache["blocks"] is None:
+        raise ValueError("this forward pass ran with keep_cache=False: it kept no attention probabilities")
     return [c[1][ATTN_PROBS] for c in cache["blocks"]]
 
 
@@ -293,7 +303,7 @@ def predict(params, cfg, images, batch_size=256):
     out = []
     for i in range(0, len(images), batch_size):
         x = xp.asarray(images[i:i + batch_size], dtype=params["pos_embed"].dtype)
-        logits, _ = vit_forward(params, x, cfg)
+        logits, _ = vit_forward(params, x, cfg, keep_cache=False)
         z = logits - logits.max(axis=1, keepdims=True)
         e = xp.exp(z)
         out.append(to_numpy(e / e.sum(axis=1, keepdims=True)))

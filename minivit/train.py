@@ -193,7 +193,7 @@ def evaluate(params, cfg, images, labels, normalize_fn, batch_size=500, num_clas
     for i in range(0, len(images), batch_size):
         x = xp.asarray(normalize_fn(images[i:i + batch_size]), dtype=params["pos_embed"].dtype)
         y = labels[i:i + batch_size]
-        logits, _ = vit_forward(params, x, cfg)
+        logits, _ = vit_forward(params, x, cfg, keep_cache=False)
         loss, _ = cross_entropy_forward(logits, y)
         total_loss += float(loss) * len(y)
         pred = to_numpy(logits.argmax(axis=1))

@@ -124,6 +124,22 @@ def test_attention_probs_are_reachable_and_normalized():
     np.testing.assert_allclose(prob, 1.0 / cfg.num_classes, rtol=1e-6)   # zero head: uniform
 
 
+def test_inference_forward_without_cache_gives_the_same_outputs():
+    cfg = get_config("test")
+    params = init_params(cfg, seed=1, dtype=np.float64)
+    params["head"]["w"] = np.random.default_rng(0).standard_normal(params["head"]["w"].shape)
+    x = np.random.default_rng(2).standard_normal((3, *cfg.image_hw, cfg.channels))
+    logits, cache = vit_forward(params, x, cfg)
+    logits_nc, cache_nc = vit_forward(params, x, cfg, keep_cache=False)
+    np.testing.assert_array_equal(logits_nc, logits)
+    np.testing.assert_array_equal(cache_nc["pooled"], cache["pooled"])
+    assert cache_nc["blocks"] is None and len(cache["blocks"]) == cfg.depth
+    with pytest.raises(ValueError, match="keep_cache=False"):
+        vit_backward(np.ones_like(logits), cache_nc)
+    with pytest.raises(ValueError, match="keep_cache=False"):
+        attention_probs(cache_nc)
+
+
 def test_bad_input_errors_name_the_problem():
     cfg = get_config("test")
     params = init_params(cfg)
