@@ -1,7 +1,8 @@
 """Masked patch prediction vs training from scratch on a small labelled budget (issue 8's experiment).
 
 For each seed s:
-  labelled  = L images of the shapes training split (L / 10 per class, drawn with default_rng([s, 100]))
+  labelled  = L images of the training split (shapes, or --dataset; L / K per class, drawn with
+              default_rng([s, 100]))
   (a) scratch:  train a ViT on `labelled` (AdamW recipe below)                 -> test accuracy, few-shot
   (b) mpp:      masked patch prediction on all U training images (labels unused), then fine-tune on `labelled`
                 with exactly the recipe of (a)                                  -> few-shot of the pre-trained
@@ -30,10 +31,15 @@ from minivit.backend import set_threads
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="shapes", help="shapes (drawn here) or a data set on disk, e.g. "
+                    "fashion-mnist (with --data-dir)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--model", default=None, help="config name (default: shapes-small for shapes, else mnist-tiny)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--labelled", type=int, default=1000)
-    ap.add_argument("--unlabelled", type=int, default=20000)
-    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--unlabelled", type=int, default=20000, help="shapes: images drawn; else: the first U "
+                    "training images (0: all)")
+    ap.add_argument("--n-test", type=int, default=2000, help="shapes: test images drawn (other data sets: all)")
     ap.add_argument("--ft-epochs", type=int, default=30)
     ap.add_argument("--ft-batch", type=int, default=64)
     ap.add_argument("--ft-lr", type=float, default=2e-3)
@@ -63,7 +69,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(width=args.width, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim)
-    full = load_dataset("shapes", n_train=args.unlabelled, n_test=args.n_test, image_size=32, progress=False)
+    model = args.model or ("shapes-small" if args.dataset == "shapes" else "mnist-tiny")
+    if args.dataset == "shapes":
+        full = load_dataset("shapes", n_train=args.unlabelled, n_test=args.n_test, image_size=32, progress=False)
+    else:
+        full = load_dataset(args.dataset, data_dir=args.data_dir)
+        if args.unlabelled:
+            full = Dataset(full.name, full.train_images[:args.unlabelled], full.train_labels[:args.unlabelled],
+                           full.test_images, full.test_labels, classes=full.classes)
     norm = lambda x: normalize(x, "minus_one_one")   # noqa: E731
     arms = args.only.split(",")
     results = []
@@ -72,13 +85,13 @@ def main():
         per = args.labelled // full.num_classes
         idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(full.train_labels == k), per, replace=False)
                                       for k in range(full.num_classes)]))
-        labelled = Dataset("shapes", full.train_images[idx], full.train_labels[idx], full.test_images,
+        labelled = Dataset(full.name, full.train_images[idx], full.train_labels[idx], full.test_images,
                            full.test_labels, classes=full.classes)
-        unlabelled = Dataset("shapes", full.train_images, full.train_labels, full.test_images, full.test_labels,
+        unlabelled = Dataset(full.name, full.train_images, full.train_labels, full.test_images, full.test_labels,
                              classes=full.classes)
 
         def finetune_config(name):
-            return TrainConfig(dataset="shapes", model="shapes-small", model_overrides=overrides,
+            return TrainConfig(dataset=args.dataset, model=model, model_overrides=overrides,
                                epochs=args.ft_epochs, batch_size=args.ft_batch, lr=args.ft_lr, weight_decay=0.05,
                                seed=seed, eval_every=args.ft_epochs, out=str(out / f"{name}-s{seed}"))
 
@@ -115,7 +128,7 @@ def main():
             print(f"seed {seed} random init few-shot {row['random_fewshot']}", flush=True)
         if "mpp" in arms:
             t = time.perf_counter()
-            tc = TrainConfig(dataset="shapes", model="shapes-small", model_overrides=overrides,
+            tc = TrainConfig(dataset=args.dataset, model=model, model_overrides=overrides,
                              epochs=args.pre_epochs, batch_size=args.pre_batch, lr=args.pre_lr, weight_decay=0.05,
                              label_smoothing=0.0, seed=seed, eval_every=args.pre_epochs,
                              out=str(out / f"mpp-pre-s{seed}"))
