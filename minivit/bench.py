@@ -31,8 +31,9 @@ What is reported per case:
   attention math, GELU tanh, LayerNorm eps 1e-6, torch.optim.AdamW with the same decay mask) with the same
   weights, timed the same way in its own process, the two processes taking turns (so drift on a shared machine
   hits both; a short pause between turns lets the idle one's threads go to sleep). A turn is one step when steps
-  take 0.1 s or more; shorter steps go in turns of about half a second, after one untimed step that wakes the
-  threads and refills the caches the other process took (else a 30 ms step measures its cold start);
+  take 0.1 s or more; shorter steps go in turns of about half a second (at least three turns each), after one
+  untimed step that wakes the threads and refills the caches the other process took (else a 30 ms step measures
+  its cold start);
   then the logits and every gradient compared on one batch (max relative difference), and the ratio minivit/torch.
 
 `--device gpu`: the same steps on CuPy (and PyTorch on CUDA), synchronized before every clock read; memory is the
@@ -500,8 +501,8 @@ def run_case(case, device="cpu", threads=2, steps=10, warmup=2, vs_torch=False, 
         per_turn = 1
         for w in workers:                                 # warm-up, and the length of a turn
             warm = w.ask(f"steps {max(1, warmup)}")["ms"]
-            if warm[-1] < TURN_MS / 5:
-                per_turn = max(per_turn, min(steps, math.ceil(TURN_MS / warm[-1])))
+            if warm[-1] < TURN_MS / 5:                    # short steps: turns of ~TURN_MS, at least 3 turns
+                per_turn = max(per_turn, min(max(1, steps // 3), math.ceil(TURN_MS / warm[-1])))
         turn = 0
         while min(len(t) for t in times.values()) < steps:   # interleaved: the workers take turns
             for w in (workers if turn % 2 == 0 else workers[::-1]):
