@@ -515,7 +515,7 @@ def run_case(case, device="cpu", threads=2, steps=10, warmup=2, vs_torch=False, 
             turn += 1
         result = {"case": case.name, "config": case.config, "batch": case.batch,
                   "step": "training" if case.train else "forward", "device": device, "threads": threads,
-                  "matmul_gflop": flops / 1e9}
+                  "matmul_gflop": flops / 1e9, "steps_per_turn": per_turn}
         for w in workers:
             mem = w.ask("mem")
             st = _stats(times[w.framework])

@@ -100,6 +100,15 @@ def test_bench_runs_a_tiny_case_and_writes_json(tmp_path, capsys):
     assert "linear forward" in r["minivit"]["profile"]
 
 
+def test_short_steps_are_timed_in_turns_of_several():
+    # a tiny step takes milliseconds: 6 steps go in 3 turns of 2 (at least three turns), each turn after one
+    # untimed step, so exactly the 6 asked for are timed
+    r = run_case(CASES["tiny"], threads=1, steps=6, warmup=1, floor_reps=1, pause=0.0)
+    assert r["steps_per_turn"] == 2 and len(r["minivit"]["steps_ms"]) == 6
+    r = run_case(CASES["tiny"], threads=1, steps=2, warmup=1, floor_reps=1, pause=0.0)
+    assert r["steps_per_turn"] == 1 and len(r["minivit"]["steps_ms"]) == 2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
 def test_bench_vs_torch_agrees_on_a_tiny_case():
     r = run_case(CASES["tiny"], threads=1, steps=2, warmup=0, vs_torch=True, floor_reps=1, pause=0.0)
