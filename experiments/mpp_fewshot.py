@@ -117,15 +117,15 @@ def main():
             r = train(finetune_config("scratch"), data=labelled, progress=False, log=None)
             row["scratch_s"] = time.perf_counter() - t
             row["scratch_acc"] = r.test_accuracy
-            row["scratch_fewshot"] = fewshot(r.params, r.cfg)
+            row["scratch_fewshot_pooled"] = fewshot(r.params, r.cfg)
             row["scratch_fewshot_patch_mean"] = fewshot(r.params, r.cfg, "patch_mean")
             print(f"seed {seed} scratch: acc {r.test_accuracy:.4f} ({row['scratch_s']:.0f} s) few-shot "
-                  f"{row['scratch_fewshot']}", flush=True)
+                  f"{row['scratch_fewshot_pooled']}", flush=True)
         if "random" in arms:
             cfg = resolve_model(finetune_config("random"), labelled)
-            row["random_fewshot"] = fewshot(init_params(cfg, seed=seed), cfg)
+            row["random_fewshot_pooled"] = fewshot(init_params(cfg, seed=seed), cfg)
             row["random_fewshot_patch_mean"] = fewshot(init_params(cfg, seed=seed), cfg, "patch_mean")
-            print(f"seed {seed} random init few-shot {row['random_fewshot']}", flush=True)
+            print(f"seed {seed} random init few-shot {row['random_fewshot_pooled']}", flush=True)
         if "mpp" in arms:
             t = time.perf_counter()
             tc = TrainConfig(dataset=args.dataset, model=model, model_overrides=overrides,
@@ -135,20 +135,21 @@ def main():
             pre = run_pretrain_mpp(tc, data=unlabelled, progress=False, log=None)
             row["mpp_pre_s"] = time.perf_counter() - t
             row["mpp_colour_acc"] = pre.test_accuracy
-            row["mpp_pre_fewshot"] = fewshot(pre.params, pre.cfg)
+            row["mpp_pre_fewshot_pooled"] = fewshot(pre.params, pre.cfg)
             row["mpp_pre_fewshot_patch_mean"] = fewshot(pre.params, pre.cfg, "patch_mean")
             print(f"seed {seed} mpp pre-training: colour acc {pre.test_accuracy:.4f} train loss "
-                  f"{pre.history[-1]['train_loss']:.3f} ({row['mpp_pre_s']:.0f} s) few-shot {row['mpp_pre_fewshot']}",
+                  f"{pre.history[-1]['train_loss']:.3f} ({row['mpp_pre_s']:.0f} s) few-shot "
+                  f"{row['mpp_pre_fewshot_pooled']}",
                   flush=True)
             params, cfg = prepare_finetune(pre.params, pre.cfg)
             t = time.perf_counter()
             r = train(finetune_config("mpp-ft"), params=params, cfg=cfg, data=labelled, progress=False, log=None)
             row["mpp_ft_s"] = time.perf_counter() - t
             row["mpp_ft_acc"] = r.test_accuracy
-            row["mpp_ft_fewshot"] = fewshot(r.params, r.cfg)
+            row["mpp_ft_fewshot_pooled"] = fewshot(r.params, r.cfg)
             row["mpp_ft_fewshot_patch_mean"] = fewshot(r.params, r.cfg, "patch_mean")
             print(f"seed {seed} mpp fine-tuned: acc {r.test_accuracy:.4f} ({row['mpp_ft_s']:.0f} s) few-shot "
-                  f"{row['mpp_ft_fewshot']}", flush=True)
+                  f"{row['mpp_ft_fewshot_pooled']}", flush=True)
         results.append(row)
         (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
     summarize(results)

@@ -151,11 +151,11 @@ _local = threading.local()
 
 
 def num_threads():
-    """Threads for CPU row blocks: `set_num_threads`, else $MINIVIT_NUM_THREADS, else $OMP_NUM_THREADS, else the
-    usable cores."""
+    """Threads for CPU row blocks and products: `set_num_threads`, else $MINIVIT_NUM_THREADS, else
+    $OMP_NUM_THREADS, else $OPENBLAS_NUM_THREADS, else the usable cores."""
     if _threads is not None:
         return _threads
-    for var in ("MINIVIT_NUM_THREADS", "OMP_NUM_THREADS"):
+    for var in ("MINIVIT_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
@@ -328,11 +328,11 @@ def matmul(a, b, out=None):
         with blas_threads(threads):                    # a small 2-D product: on BLAS's own threads
             return xp.matmul(a, b, out=out)
     if threads == 1 or work < SPLIT_GEMM:
-        with blas_threads(1):                          # a small batched product: one thread, no join
+        with blas_threads(1):                          # one thread in all, or a small batched product: no join
             return xp.matmul(a, b, out=out)
     if out.ndim >= 3:
-        if a.shape[0] != b.shape[0] or out.shape[0] < threads:
-            return xp.matmul(a, b, out=out)
+        if a.ndim != b.ndim or a.shape[0] != b.shape[0] or out.shape[0] < threads:
+            return xp.matmul(a, b, out=out)            # (a broadcast operand: no split along the batch)
 
         def part(span):                                # images [lo, hi) of the batch
             lo, hi = span
@@ -355,8 +355,8 @@ def matmul(a, b, out=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU twins: on CuPy, the elementwise chains of layers.py and optim.py as single fused kernels (one read and one
-# write per element instead of one kernel launch per operation). Each computes exactly the formula of its NumPy
-# twin named in its comment; tests/test_kernels.py compares them where a GPU exists.
+# write per element instead of one kernel launch per operation). Each computes the same function as its NumPy
+# twin named in its comment (up to the order of rounding); tests/test_kernels.py compares them where a GPU exists.
 
 _GPU_SOURCES = {
     # layers._gelu_tanh_rows: y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))

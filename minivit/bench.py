@@ -17,7 +17,8 @@ What is reported per case:
   in the same run, with the same threads).
 - The GEMM floor: the time of exactly the step's matrix products (`matmul_shapes`: the same shapes, batch
   dimensions and transpositions) into preallocated outputs, each at the best of two ways NumPy can run it (plain
-  np.matmul on BLAS's threads, or backend.matmul: split over the threads, one BLAS thread each), and the step's
+  np.matmul on BLAS's threads, or backend.matmul as the layers call it: large products split over the threads,
+  one BLAS thread each), and the step's
   ratio to it. A step cannot be faster than its products; everything above the floor is elementwise work,
   copies, allocation and Python.
 - Memory: the resident set size (RSS) of the process. Each framework of each case runs in its own process, so
@@ -158,7 +159,7 @@ def gemm_floor(shapes, reps=3, seed=0):
     """Milliseconds for the products of `shapes` (NumPy, float32, into preallocated outputs): a lower bound.
 
     Each distinct product is timed `reps` times in two ways, plain `np.matmul` (BLAS's own threads) and
-    `backend.matmul` (the work split over the threads, one BLAS thread each), and costs the best time seen; the
+    `backend.matmul` (as the layers call it: large products split over the threads), and costs the best time; the
     floor is the sum over the step's list. Operands are random float32 in the stated layouts.
     """
     from minivit.backend import matmul
@@ -498,20 +499,19 @@ def run_case(case, device="cpu", threads=2, steps=10, warmup=2, vs_torch=False, 
         if vs_torch:
             workers.append(Worker("torch", case, device, threads, seed))
         times = {w.framework: [] for w in workers}
-        per_turn = 1
-        for w in workers:                                 # warm-up, and the length of a turn
-            warm = w.ask(f"steps {max(1, warmup)}")["ms"]
-            if warm[-1] < TURN_MS / 5:                    # short steps: turns of ~TURN_MS, at least 3 turns
-                per_turn = max(per_turn, min(max(1, steps // 3), math.ceil(TURN_MS / warm[-1])))
+        warm_ms = min(w.ask(f"steps {max(1, warmup)}")["ms"][-1] for w in workers)   # warm-up, and a step's time
+        short = warm_ms < TURN_MS / 5                     # short steps: turns of ~TURN_MS, at least 3 turns each
+        per_turn = max(1, min(steps // 3, math.ceil(TURN_MS / warm_ms))) if short else 1
         turn = 0
         while min(len(t) for t in times.values()) < steps:   # interleaved: the workers take turns
             for w in (workers if turn % 2 == 0 else workers[::-1]):
+                n = min(per_turn, steps - len(times[w.framework]))
                 if len(workers) > 1:
                     time.sleep(pause)                     # let the other process's idle threads go to sleep
-                if per_turn == 1:
-                    times[w.framework].append(w.ask("step")["ms"])
-                else:                                     # one untimed step after the switch, then the turn
-                    times[w.framework] += w.ask(f"steps {per_turn + 1}")["ms"][1:]
+                if short:                                 # one untimed step after the switch, then the turn
+                    times[w.framework] += w.ask(f"steps {n + 1}")["ms"][1:]
+                else:
+                    times[w.framework] += w.ask(f"steps {n}")["ms"]
             turn += 1
         result = {"case": case.name, "config": case.config, "batch": case.batch,
                   "step": "training" if case.train else "forward", "device": device, "threads": threads,
@@ -623,7 +623,8 @@ def add_bench_arguments(parser):
     parser.add_argument("--case", action="append", choices=sorted(CASES), default=None,
                         help=f"case to run (repeatable; default: {' '.join(DEFAULT_CASES)})")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1: the last one also "
+                        "tells how long a step takes)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for BLAS, OpenMP and minivit's elementwise pool (default: the usable cores)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")

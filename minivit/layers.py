@@ -15,9 +15,10 @@ float32 in, float32 out. Scalars are Python floats so they never upcast float32 
 The derivations behind the backward formulas are worked out in the lessons (lessons/04-07).
 
 Speed: the elementwise chains (bias add, LayerNorm, GELU, softmax) run through `row_blocks` (backend.py): a
-`_..._rows` function does the whole chain on a block of rows that stays in cache, in place with `out=` and no
-temporaries, and the blocks run on every core. Each such function is the formula of its layer written as in-place
-steps, one comment per step; on CuPy it runs once over the whole array. Caches keep only what backward needs.
+`_..._rows` function does the whole chain on a block of rows (1 MiB per array, so a chain's arrays stay in the
+outer caches), in place with `out=` and no temporaries, and the blocks run on every core. Each such function is
+the formula of its layer written as in-place steps, one comment per step; on CuPy it runs once over the whole
+array. Caches keep only what backward needs.
 """
 import math
 
@@ -322,31 +323,34 @@ def _gelu_tanh_rows(x, y):
 
 
 def _gelu_tanh_grad_rows(x, dy, dx):
-    """dx = dy * gelu'(x) on one block of rows, recomputing gelu(x) from x (the cache keeps only x)."""
+    """dx = dy * gelu'(x) on one block of rows, recomputing tanh(u) from x (the cache keeps only x)."""
     if get_xp(x) is not np:
-        gpu_kernel("gelu_tanh_grad")(x, dy, dx)          # CuPy: the same formula as one fused kernel
+        gpu_kernel("gelu_tanh_grad")(x, dy, dx)          # CuPy: the same function as one fused kernel
         return
-    _gelu_tanh_value_grad_rows(x, dy, scratch(x, slot=2), dx)
+    _gelu_tanh_value_grad_rows(x, dy, scratch(x, slot=2), dx)   # gelu(x) itself lands in a scratch buffer
 
 
 def _gelu_tanh_value_grad_rows(x, dy, y, dx):
-    """y = gelu(x) and dx = dy * gelu'(x) on one block of rows; returns the block's sum of dx over its rows (its
-    share of db). With p = (1 + t) / 2 = sigmoid(2u), gelu(x) = x p, and dp/du = 2 p (1 - p):
+    """y = gelu(x) and dx = dy * gelu'(x) on one block of rows. With t = tanh(u) and p = (1 + t) / 2 = sigmoid(2u),
+    gelu(x) = x p and dp/du = 2 p (1 - p), so gelu_backward's derivative reads
 
         gelu'(x) = p + x 2 p (1 - p) u'(x) = p + 2 y (1 - p) u'(x),   u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 
-    (the same derivative as gelu_backward's, with y and p in place of t: fewer passes over the block).
+    the same function in fewer passes over the block, y = gelu(x) coming out on the way.
     """
     xp = get_xp(x)
     if xp is not np:
-        gpu_kernel("gelu_tanh_value_grad")(x, dy, y, dx)   # CuPy: the same formulas as one fused kernel
-        return dx.sum(axis=0)
+        gpu_kernel("gelu_tanh_value_grad")(x, dy, y, dx)   # CuPy: the same functions as one fused kernel
+        return
     p, a = scratch(x, slot=0), scratch(x, slot=1)
-    _tanh_u_rows(x, p)                                   # t = tanh(u)
+    xp.multiply(x, x, out=a)                             # x^2 (kept for u'(x))
+    xp.multiply(a, 0.044715 * _SQRT_2_OVER_PI, out=p)
+    p += _SQRT_2_OVER_PI
+    p *= x                                               # u = sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(p, out=p)                                    # t = tanh(u)
     p *= 0.5
     p += 0.5                                             # p = (1 + t) / 2
     xp.multiply(x, p, out=y)                             # y = gelu(x) = x p
-    xp.multiply(x, x, out=a)                             # x^2
     a *= 2.0 * 3.0 * 0.044715 * _SQRT_2_OVER_PI
     a += 2.0 * _SQRT_2_OVER_PI                           # 2 u'(x)
     a *= y                                               # 2 y u'(x)
@@ -354,7 +358,6 @@ def _gelu_tanh_value_grad_rows(x, dy, y, dx):
     a *= dx                                              # 2 y (1 - p) u'(x)
     a += p                                               # gelu'(x)
     xp.multiply(dy, a, out=dx)                           # dx = dy * gelu'(x)
-    return _col_sum(dx)
 
 
 def gelu_forward(x, approximate="tanh"):
@@ -404,10 +407,14 @@ def _bias_gelu_tanh_rows(u, y, b):
 
 def _gelu_tanh_grad_sum_rows(u, dy, du):
     """du = dy * gelu'(u) on one block of rows; returns the block's sum of du over its rows (its share of db)."""
-    if get_xp(u) is not np:
-        _gelu_tanh_grad_rows(u, dy, du)
-        return du.sum(axis=0)
-    return _gelu_tanh_value_grad_rows(u, dy, scratch(u, slot=2), du)
+    _gelu_tanh_grad_rows(u, dy, du)
+    return _col_sum(du)
+
+
+def _gelu_tanh_value_grad_sum_rows(u, dy, y, du):
+    """y = gelu(u) and du = dy * gelu'(u) on one block of rows; returns the block's sum of du over its rows."""
+    _gelu_tanh_value_grad_rows(u, dy, y, du)
+    return _col_sum(du)
 
 
 def linear_gelu_forward(x, w, b, approximate="tanh"):
@@ -449,16 +456,20 @@ def linear_gelu_backward(dy, cache, output=False):
     xp = get_xp(dy)
     u = u.reshape(-1, u.shape[-1])                       # (R, D_out)
     dy2 = xp.ascontiguousarray(dy).reshape(u.shape)      # (R, D_out)
-    du = xp.empty_like(u)                                # (R, D_out)
     # fwd: y = gelu(u)
+    y = None
     if approximate != "tanh":                            # the exact form: the GELU layer's own backward
-        du = gelu_backward(dy2, (u, approximate))
-        parts, y = [_col_sum(du)], gelu_forward(u, approximate)[0] if output else None
-    elif output:
-        y = xp.empty_like(u)                             # (R, D_out)
-        parts = row_blocks(_gelu_tanh_value_grad_rows, u, dy2, y, du)
+        du = gelu_backward(dy2, (u, approximate))        # (R, D_out)
+        parts = [_col_sum(du)]
+        if output:
+            y = gelu_forward(u, approximate)[0]
     else:
-        parts = row_blocks(_gelu_tanh_grad_sum_rows, u, dy2, du)
+        du = xp.empty_like(u)                            # (R, D_out)
+        if output:
+            y = xp.empty_like(u)                         # (R, D_out)
+            parts = row_blocks(_gelu_tanh_value_grad_sum_rows, u, dy2, y, du)
+        else:
+            parts = row_blocks(_gelu_tanh_grad_sum_rows, u, dy2, du)
     db = parts[0]
     for part in parts[1:]:
         db += part                                       # db = sum of du over all rows

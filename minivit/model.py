@@ -113,13 +113,14 @@ def mlp_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}.
 
     fc2's input h = drop(gelu(u)) was not kept, and its weight gradient dfc2_w = h^T dy needs it. So the input
-    gradient dh = dy fc2_w^T comes first (it needs only the weight); then one pass over u recomputes gelu(u) and
-    computes du = dh gelu'(u) together (they share tanh(u)); then the weight gradients.
+    gradient dh = dy fc2_w^T comes first (it needs only the weight) and goes back through the dropout mask; then
+    one pass over u recomputes gelu(u) and computes du = (dh * mask) gelu'(u) together (they share tanh(u));
+    then h = gelu(u) * mask and the weight gradients.
     """
     fc1_cache, drop1_cache, fc2_w, drop2_cache = cache
     dy = dropout_backward(dy, drop2_cache)
     # fwd: y = h @ fc2_w + fc2_b
-    dh = dropout_backward(linear_input_grad(dy, fc2_w), drop1_cache)   # (R, M)  dy @ fc2_w^T, through the dropout
+    dh = dropout_backward(linear_input_grad(dy, fc2_w), drop1_cache)   # (B, N, M) dy @ fc2_w^T, times the mask
     # fwd: h = drop(gelu(x @ fc1_w + fc1_b))
     dx, dfc1_w, dfc1_b, h = linear_gelu_backward(dh, fc1_cache, output=True)   # h = gelu(u) from the same pass
     h = dropout_backward(h, drop1_cache)                               # h * mask: the forward's dropout again
@@ -193,7 +194,7 @@ def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
     z0 = [x_class; x] + E_pos, dropout, the blocks, LN: the steps between the patch embedding and the pooling,
     shared by vit_forward and by objectives that read the patch tokens (or change the embeddings first, as masked
     patch prediction in minivit.mpp). The cache is a dict with keys tokens, drop, blocks, norm.
-    keep_cache=False (inference): each block's cache is dropped once the next block runs, so only one block's
+    keep_cache=False (inference): each block's cache is dropped as soon as the block returns, so only one block's
     activations are alive at a time; cache["blocks"] is None then, and there is no backward pass.
     """
     cache = {}
@@ -201,9 +202,11 @@ def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
     x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
     cache["blocks"] = [] if keep_cache else None
     for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
-        x, c = block_forward(x, p, cfg, train, rng, rate)                                # (B, N, D)
         if keep_cache:
+            x, c = block_forward(x, p, cfg, train, rng, rate)                            # (B, N, D)
             cache["blocks"].append(c)
+        else:
+            x = block_forward(x, p, cfg, train, rng, rate)[0]                            # the cache goes at once
     x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
     return x, cache
 

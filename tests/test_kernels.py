@@ -27,10 +27,22 @@ def tol(dtype):
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
+def threads(request, monkeypatch):
+    """1 or 2 threads, with small row blocks (4096 elements), so that the test arrays are cut into many blocks
+    and, with 2 threads, shared over the pool."""
+    monkeypatch.setattr(backend, "BLOCK_ELEMS", 4096)
     set_num_threads(request.param)
     yield request.param
     set_num_threads(None)
+
+
+@pytest.fixture(params=["default", "split"])
+def split(request, monkeypatch):
+    """Products at the package's own thresholds, or every product split over the threads."""
+    if request.param == "split":
+        monkeypatch.setattr(backend, "SPLIT_GEMM", 0)
+        monkeypatch.setattr(backend, "SPLIT_GEMM_2D", 0)
+    return request.param
 
 
 def rand(*shape, dtype=np.float64, seed=0, scale=1.0):
@@ -59,6 +71,17 @@ def ref_softmax(x):
 
 
 # ---- row blocks and the thread pool
+
+def test_chains_really_run_in_several_blocks_on_the_pool(threads, monkeypatch):
+    seen = []                                                 # (thread name, rows) of each block of a GELU pass
+    real = backend.row_blocks
+    monkeypatch.setattr("minivit.layers.row_blocks", lambda fn, *arrays, **kw: real(
+        lambda *blk: (seen.append((backend.threading.current_thread().name, blk[0].shape[0])), fn(*blk))[1],
+        *arrays, **kw))
+    gelu_forward(rand(300, 500))
+    assert len(seen) > 4 and sum(rows for _, rows in seen) == 300
+    assert len({name for name, _ in seen}) == threads         # the caller, and a pool thread with 2
+
 
 def test_row_blocks_cover_every_row_once_in_order(threads):
     a = np.arange(10_000 * 7, dtype=np.float64).reshape(10_000, 7)
@@ -99,8 +122,8 @@ def test_blas_threads_restores_and_allocator_tuning_is_a_bool():
 # ---- the split matrix product
 
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False)])
-def test_matmul_2d_matches_numpy(threads, ta, tb):
-    m, k, n = 300, 70, 90                                     # m*k*n above the size that gets split
+def test_matmul_2d_matches_numpy(threads, split, ta, tb):
+    m, k, n = 300, 70, 90
     a = rand(k, m, seed=1).T if ta else rand(m, k, seed=1)
     b = rand(n, k, seed=2).T if tb else rand(k, n, seed=2)
     np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
@@ -109,7 +132,17 @@ def test_matmul_2d_matches_numpy(threads, ta, tb):
     np.testing.assert_allclose(matmul(few_rows, big), few_rows @ big, rtol=1e-12, atol=1e-12)
 
 
-def test_matmul_batched_into_strided_views(threads):
+def test_small_2d_products_leave_the_blas_thread_count_as_it_was(threads):
+    blas = backend._openblas()
+    if not blas:
+        pytest.skip("OpenBLAS's thread count cannot be read here")
+    before = blas[1]()
+    a = rand(50, 60)
+    np.testing.assert_allclose(matmul(a, a.T), a @ a.T, rtol=1e-12)
+    assert blas[1]() == before
+
+
+def test_matmul_batched_into_strided_views(threads, split):
     B, N, nh, hs = 6, 40, 3, 16
     qkv = rand(B, N, 3, nh, hs, dtype=np.float32)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)                    # strided (B, nh, N, hs) views
@@ -119,6 +152,16 @@ def test_matmul_batched_into_strided_views(threads):
     o = np.empty((B, N, nh, hs), np.float32)
     matmul(s, v, out=o.transpose(0, 2, 1, 3))                 # written straight into the merged layout
     np.testing.assert_allclose(o, (s @ v).transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_and_column_sums_as_blas_products(dtype):
+    from minivit.layers import _col_sum, _row_sum
+    for shape in [(1, 5), (7, 3), (333, 65)]:
+        x = rand(*shape, dtype=dtype)
+        np.testing.assert_allclose(_col_sum(x), x.sum(axis=0), **tol(dtype))
+        np.testing.assert_allclose(_row_sum(x), x.sum(axis=1, keepdims=True), **tol(dtype))
+        assert _col_sum(x).dtype == _row_sum(x).dtype == dtype
 
 
 # ---- GELU, LayerNorm, softmax
