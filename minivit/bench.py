@@ -32,7 +32,7 @@ What is reported per case:
   attention math, GELU tanh, LayerNorm eps 1e-6, torch.optim.AdamW with the same decay mask) with the same
   weights, timed the same way in its own process, the two processes taking turns (so drift on a shared machine
   hits both; a short pause between turns lets the idle one's threads go to sleep). A turn is one step when steps
-  take 0.1 s or more; shorter steps go in turns of about half a second (at least three turns each), after one
+  take 0.1 s or more; shorter steps go in turns of about half a second (at least five turns each), after one
   untimed step that wakes the threads and refills the caches the other process took (else a 30 ms step measures
   its cold start);
   then the logits and every gradient compared on one batch (max relative difference), and the ratio minivit/torch.
@@ -500,8 +500,8 @@ def run_case(case, device="cpu", threads=2, steps=10, warmup=2, vs_torch=False, 
             workers.append(Worker("torch", case, device, threads, seed))
         times = {w.framework: [] for w in workers}
         warm_ms = min(w.ask(f"steps {max(1, warmup)}")["ms"][-1] for w in workers)   # warm-up, and a step's time
-        short = warm_ms < TURN_MS / 5                     # short steps: turns of ~TURN_MS, at least 3 turns each
-        per_turn = max(1, min(steps // 3, math.ceil(TURN_MS / warm_ms))) if short else 1
+        short = warm_ms < TURN_MS / 5                     # short steps: turns of ~TURN_MS, at least 5 turns each
+        per_turn = max(1, min(steps // 5, math.ceil(TURN_MS / warm_ms))) if short else 1
         turn = 0
         while min(len(t) for t in times.values()) < steps:   # interleaved: the workers take turns
             for w in (workers if turn % 2 == 0 else workers[::-1]):

@@ -101,10 +101,10 @@ def test_bench_runs_a_tiny_case_and_writes_json(tmp_path, capsys):
 
 
 def test_short_steps_are_timed_in_turns_of_several():
-    # a tiny step takes milliseconds: 7 steps go in turns of 2 (at least three turns: 2, 2, 2, 1), each turn
-    # after one untimed step, and exactly the 7 asked for are timed
-    r = run_case(CASES["tiny"], threads=1, steps=7, warmup=1, floor_reps=1, pause=0.0)
-    assert r["steps_per_turn"] == 2 and len(r["minivit"]["steps_ms"]) == 7
+    # a tiny step takes milliseconds: 11 steps go in turns of 2 (at least five turns: 2, 2, 2, 2, 2, 1), each
+    # turn after one untimed step, and exactly the 11 asked for are timed
+    r = run_case(CASES["tiny"], threads=1, steps=11, warmup=1, floor_reps=1, pause=0.0)
+    assert r["steps_per_turn"] == 2 and len(r["minivit"]["steps_ms"]) == 11
     r = run_case(CASES["tiny"], threads=1, steps=2, warmup=0, floor_reps=1, pause=0.0)
     assert r["steps_per_turn"] == 1 and len(r["minivit"]["steps_ms"]) == 2
 
