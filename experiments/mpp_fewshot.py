@@ -95,19 +95,19 @@ def main():
                                epochs=args.ft_epochs, batch_size=args.ft_batch, lr=args.ft_lr, weight_decay=0.05,
                                seed=seed, eval_every=args.ft_epochs, out=str(out / f"{name}-s{seed}"))
 
-        def fewshot(params, cfg, representation="pooled"):
-            table = fewshot_model(params, cfg, labelled, norm, representation=representation)
-            return {row["shots"]: row["accuracy"] for row in table}
+        def fewshot(row, arm, params, cfg):
+            """row[ARM_fewshot_REP] = {shots: accuracy} for both representations."""
+            for rep in ("pooled", "patch_mean"):
+                table = fewshot_model(params, cfg, labelled, norm, representation=rep)
+                row[f"{arm}_fewshot_{rep}"] = {t["shots"]: t["accuracy"] for t in table}
 
         row = {"seed": seed}
         if args.fewshot_from:                             # re-score an earlier run's checkpoints, both ways
             for arm, run in (("scratch", "scratch"), ("mpp_pre", "mpp-pre"), ("mpp_ft", "mpp-ft")):
                 params, cfg, _ = load_checkpoint(Path(args.fewshot_from) / f"{run}-s{seed}" / "last.npz")
-                for rep in ("pooled", "patch_mean"):
-                    row[f"{arm}_fewshot_{rep}"] = fewshot(params, cfg, rep)
+                fewshot(row, arm, params, cfg)
             cfg = resolve_model(finetune_config("random"), labelled)
-            for rep in ("pooled", "patch_mean"):
-                row[f"random_fewshot_{rep}"] = fewshot(init_params(cfg, seed=seed), cfg, rep)
+            fewshot(row, "random", init_params(cfg, seed=seed), cfg)
             print(f"seed {seed}: " + "; ".join(f"{k} {v}" for k, v in row.items() if k != "seed"), flush=True)
             results.append(row)
             (out / "fewshot.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
@@ -117,14 +117,12 @@ def main():
             r = train(finetune_config("scratch"), data=labelled, progress=False, log=None)
             row["scratch_s"] = time.perf_counter() - t
             row["scratch_acc"] = r.test_accuracy
-            row["scratch_fewshot_pooled"] = fewshot(r.params, r.cfg)
-            row["scratch_fewshot_patch_mean"] = fewshot(r.params, r.cfg, "patch_mean")
+            fewshot(row, "scratch", r.params, r.cfg)
             print(f"seed {seed} scratch: acc {r.test_accuracy:.4f} ({row['scratch_s']:.0f} s) few-shot "
                   f"{row['scratch_fewshot_pooled']}", flush=True)
         if "random" in arms:
             cfg = resolve_model(finetune_config("random"), labelled)
-            row["random_fewshot_pooled"] = fewshot(init_params(cfg, seed=seed), cfg)
-            row["random_fewshot_patch_mean"] = fewshot(init_params(cfg, seed=seed), cfg, "patch_mean")
+            fewshot(row, "random", init_params(cfg, seed=seed), cfg)
             print(f"seed {seed} random init few-shot {row['random_fewshot_pooled']}", flush=True)
         if "mpp" in arms:
             t = time.perf_counter()
@@ -135,8 +133,7 @@ def main():
             pre = run_pretrain_mpp(tc, data=unlabelled, progress=False, log=None)
             row["mpp_pre_s"] = time.perf_counter() - t
             row["mpp_colour_acc"] = pre.test_accuracy
-            row["mpp_pre_fewshot_pooled"] = fewshot(pre.params, pre.cfg)
-            row["mpp_pre_fewshot_patch_mean"] = fewshot(pre.params, pre.cfg, "patch_mean")
+            fewshot(row, "mpp_pre", pre.params, pre.cfg)
             print(f"seed {seed} mpp pre-training: colour acc {pre.test_accuracy:.4f} train loss "
                   f"{pre.history[-1]['train_loss']:.3f} ({row['mpp_pre_s']:.0f} s) few-shot "
                   f"{row['mpp_pre_fewshot_pooled']}",
@@ -146,8 +143,7 @@ def main():
             r = train(finetune_config("mpp-ft"), params=params, cfg=cfg, data=labelled, progress=False, log=None)
             row["mpp_ft_s"] = time.perf_counter() - t
             row["mpp_ft_acc"] = r.test_accuracy
-            row["mpp_ft_fewshot_pooled"] = fewshot(r.params, r.cfg)
-            row["mpp_ft_fewshot_patch_mean"] = fewshot(r.params, r.cfg, "patch_mean")
+            fewshot(row, "mpp_ft", r.params, r.cfg)
             print(f"seed {seed} mpp fine-tuned: acc {r.test_accuracy:.4f} ({row['mpp_ft_s']:.0f} s) few-shot "
                   f"{row['mpp_ft_fewshot_pooled']}", flush=True)
         results.append(row)

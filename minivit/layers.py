@@ -30,30 +30,30 @@ from minivit.backend import blas_threads, get_xp, gpu_kernel, matmul, row_blocks
 _ONES = {}
 
 
+def _ones(n, dtype):
+    """A cached ones vector (n,) of `dtype`: row and column sums below are BLAS products with it."""
+    key = (n, np.dtype(dtype))
+    if key not in _ONES:
+        _ONES[key] = np.ones(n, dtype)
+    return _ONES[key]
+
+
 def _row_sum(x):
     """x: (r, n) -> (r, 1) = x.sum(axis=-1, keepdims=True), as the matrix-vector product x @ ones(n) on the CPU
     (BLAS does it about 4x faster than NumPy's reduction along short rows)."""
-    xp = get_xp(x)
-    if xp is not np:
+    if get_xp(x) is not np:
         return x.sum(axis=-1, keepdims=True)
-    key = (x.shape[-1], x.dtype)
-    if key not in _ONES:
-        _ONES[key] = np.ones((x.shape[-1], 1), x.dtype)
     with blas_threads(1):                                # (threaded BLAS would leave its threads spinning)
-        return x @ _ONES[key]
+        return (x @ _ones(x.shape[-1], x.dtype))[:, None]
 
 
 def _col_sum(x):
     """x: (r, n) -> (n,) = x.sum(axis=0), as the vector-matrix product ones(r) @ x on the CPU (BLAS: 2-4x faster than
     NumPy's reduction over rows at the sizes of a bias gradient)."""
-    xp = get_xp(x)
-    if xp is not np:
+    if get_xp(x) is not np:
         return x.sum(axis=0)
-    key = (x.shape[0], x.dtype, "row")
-    if key not in _ONES:
-        _ONES[key] = np.ones(x.shape[0], x.dtype)
     with blas_threads(1):                                # (threaded BLAS would leave its threads spinning)
-        return _ONES[key] @ x
+        return _ones(x.shape[0], x.dtype) @ x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,11 +301,10 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _tanh_u_rows(x, t):
-    """t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), in place in t (the tanh GELU's inner part)."""
+def _tanh_u_rows(x, x2, t):
+    """t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), from x and x2 = x^2, in place in t (t may be x2)."""
     xp = get_xp(x)
-    xp.multiply(x, x, out=t)                             # x^2
-    t *= 0.044715 * _SQRT_2_OVER_PI
+    xp.multiply(x2, 0.044715 * _SQRT_2_OVER_PI, out=t)
     t += _SQRT_2_OVER_PI                                 # sqrt(2/pi) (1 + 0.044715 x^2)
     t *= x                                               # u
     xp.tanh(t, out=t)                                    # t = tanh(u)
@@ -313,10 +312,12 @@ def _tanh_u_rows(x, t):
 
 def _gelu_tanh_rows(x, y):
     """y = 0.5 x (1 + t) on one block of rows, in place in y."""
-    if get_xp(x) is not np:
+    xp = get_xp(x)
+    if xp is not np:
         gpu_kernel("gelu_tanh")(x, y)                    # CuPy: the same formula as one fused kernel
         return
-    _tanh_u_rows(x, y)                                   # t
+    xp.multiply(x, x, out=y)                             # x^2
+    _tanh_u_rows(x, y, y)                                # t
     y *= 0.5
     y += 0.5                                             # (1 + t) / 2
     y *= x                                               # gelu(x) = 0.5 x (1 + t)
@@ -344,10 +345,7 @@ def _gelu_tanh_value_grad_rows(x, dy, y, dx):
         return
     p, a = scratch(x, slot=0), scratch(x, slot=1)
     xp.multiply(x, x, out=a)                             # x^2 (kept for u'(x))
-    xp.multiply(a, 0.044715 * _SQRT_2_OVER_PI, out=p)
-    p += _SQRT_2_OVER_PI
-    p *= x                                               # u = sqrt(2/pi) (x + 0.044715 x^3)
-    xp.tanh(p, out=p)                                    # t = tanh(u)
+    _tanh_u_rows(x, a, p)                                # t = tanh(u)
     p *= 0.5
     p += 0.5                                             # p = (1 + t) / 2
     xp.multiply(x, p, out=y)                             # y = gelu(x) = x p
@@ -433,16 +431,6 @@ def linear_gelu_forward(x, w, b, approximate="tanh"):
     y = xp.empty_like(u)                                 # (R, D_out)
     row_blocks(lambda ub, yb: _bias_gelu_tanh_rows(ub, yb, b), u, y)     # u += b;  y = gelu(u)
     return y.reshape(*lead, w.shape[1]), ((x, w), (u, approximate))
-
-
-def linear_gelu_output(cache):
-    """The output y = gelu(u) of a linear_gelu_forward, recomputed from its cache (for callers that drop y)."""
-    (x, w), (u, approximate) = cache
-    if approximate != "tanh":
-        return gelu_forward(u, approximate)[0]
-    y = get_xp(u).empty_like(u)                          # (R, D_out)
-    row_blocks(_gelu_tanh_rows, u, y)                    # y = gelu(u)
-    return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 def linear_gelu_backward(dy, cache, output=False):

@@ -99,8 +99,9 @@ def check_params(params, cfg):
 def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0):
     """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))
 
-    The cache keeps fc1's pre-activation u but not the hidden h = drop(gelu(u)): backward recomputes h from u
-    (one cheap pass), which saves a (B, N, M) array per block (the largest activation of a ViT).
+    The cache keeps fc1's pre-activation u but not the hidden h = drop(gelu(u)): backward recomputes h from u in
+    the pass that computes gelu'(u) anyway, which saves a (B, N, M) array per block (the largest activation of a
+    ViT).
     """
     h, fc1_cache = linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate)   # (B, N, M) gelu(fc1(x))
     h, drop1_cache = dropout_forward(h, dropout, train, rng)
