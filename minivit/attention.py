@@ -9,45 +9,84 @@ Shapes (glossary in layers.py): x (B, N, D); q, k, v (B, nh, N, hs); attention (
 
 The attention probabilities A of a forward pass stay in the cache (`cache[ATTN_PROBS]`); the analysis code reads
 them from there.
+
+Speed: the core (scores, softmax, A v, and their backward) runs a few images at a time (`row_blocks` over the
+batch): one chunk's scores are computed, normalized and used while they sit in the core's cache, and the chunks
+go to every core. Backward's (N, N) gradients live only in a per-thread chunk buffer, never as whole arrays.
 """
 import math
+from functools import partial
 
-from minivit.backend import get_xp, matmul
-from minivit.layers import (dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward,
-                            softmax_forward)
+from minivit.backend import get_xp, matmul, row_blocks, scratch
+from minivit.layers import (_keep_mask, _softmax_grad_rows, _softmax_rows, dropout_backward, dropout_forward,
+                            linear_backward, linear_forward)
 
 ATTN_PROBS = 3   # index of A (B, nh, N, N) in the attention cache
+
+
+def _attention_rows(q, k, v, att, o, mask=None, *, scale):
+    """One chunk of images: att = softmax(q k^T * scale);  o = (att * mask) v, heads merged. In place in att, o."""
+    xp = get_xp(q)
+    N = att.shape[-1]
+    kT = scratch(k, k.shape[:2] + (k.shape[3], N), slot=2)
+    xp.copyto(kT, k.swapaxes(-1, -2))                     # k^T (b, nh, hs, N) in contiguous memory: OpenBLAS
+    matmul(q, kT, out=att)                             # ran q @ (a k^T view) at half speed at 65x64 heads
+                                                          # (b, nh, N, N)  q k^T
+    _softmax_rows(att.reshape(-1, N), att.reshape(-1, N), scale)   # softmax(q k^T / sqrt(hs)), row by row
+    att_d = att if mask is None else att * mask           # dropout on the probabilities
+    matmul(att_d, v, out=o.transpose(0, 2, 1, 3))      # o[:, :, h] = A_h v_h, (b, N, nh, hs)
+
+
+def _attention_grad_rows(q, k, v, att, do, dq, dk, dv, mask=None, *, scale):
+    """One chunk of images: dq, dk, dv (b, nh, N, hs) in place, from do (b, nh, N, hs)."""
+    xp = get_xp(q)
+    N = att.shape[-1]
+    datt = scratch(att, slot=0)                           # (b, nh, N, N)
+    ds = scratch(att, slot=1)                             # (b, nh, N, N)
+    att_d = att if mask is None else att * mask
+    vT = scratch(v, v.shape[:2] + (v.shape[3], N), slot=2)
+    xp.copyto(vT, v.swapaxes(-1, -2))                     # v^T in contiguous memory (as k^T in forward)
+    matmul(do, vT, out=datt)                           # dA_d = do v^T
+    matmul(att_d.swapaxes(-1, -2), do, out=dv)         # dv = A_d^T do
+    if mask is not None:
+        datt *= mask                                      # dA = dA_d * mask
+    _softmax_grad_rows(datt.reshape(-1, N), att.reshape(-1, N), ds.reshape(-1, N), scale)   # ds, 1/sqrt(hs) in
+    matmul(ds, k, out=dq)                              # dq = ds k
+    matmul(ds.swapaxes(-1, -2), q, out=dk)             # dk = ds^T q
 
 
 def attention_forward(x, p, heads, train=False, rng=None, attn_dropout=0.0, proj_dropout=0.0):
     """x: (B, N, D), p: {qkv_w (D, 3D), qkv_b (3D,), proj_w (D, D), proj_b (D,)} -> (B, N, D).
 
     No head split or merge copies: q, k, v are strided views of the qkv output, and A v is written straight into
-    a (B, N, nh, hs) array, which is o (B, N, D) with its heads merged.
+    a (B, N, nh, hs) array, which is o (B, N, D) with its heads merged. Cache: the qkv output (as q, k, v), A,
+    the dropout mask on A (None without dropout); not the scores (softmax runs in place) nor A * mask.
     """
     xp = get_xp(x)
     B, N, D = x.shape
     nh, hs = heads, D // heads
+    scale = 1.0 / math.sqrt(hs)
     qkv, qkv_cache = linear_forward(x, p["qkv_w"], p["qkv_b"])          # (B, N, 3D)
     q, k, v = qkv.reshape(B, N, 3, nh, hs).transpose(2, 0, 3, 1, 4)     # (B, nh, N, hs) each (views)
-    scores = matmul(q, k.swapaxes(-1, -2))                              # (B, nh, N, N)  q k^T
-    att, att_cache = softmax_forward(scores, 1.0 / math.sqrt(hs), out=scores)   # softmax(q k^T / sqrt(hs)), in place
-    att_d, drop_cache = dropout_forward(att, attn_dropout, train, rng)  # (B, nh, N, N)
+    att = xp.empty((B, nh, N, N), x.dtype)                              # (B, nh, N, N)  A
     o = xp.empty((B, N, nh, hs), x.dtype)                               # (B, N, nh, hs): heads merged in memory
-    matmul(att_d, v, out=o.transpose(0, 2, 1, 3))                       # o[:, :, h] = A_h v_h
+    # the dropout mask, drawn for the whole batch at once (the same draw as dropout_forward(A))
+    mask = _keep_mask(att.shape, attn_dropout, rng, x.dtype, xp) if train and attn_dropout > 0 else None
+    masks = () if mask is None else (mask,)
+    row_blocks(partial(_attention_rows, scale=scale), q, k, v, att, o, *masks)   # chunks of images
     y, proj_cache = linear_forward(o.reshape(B, N, D), p["proj_w"], p["proj_b"])   # (B, N, D)
     y, proj_drop_cache = dropout_forward(y, proj_dropout, train, rng)
-    return y, (qkv_cache, (q, k, v), att_d, att, drop_cache, proj_cache, proj_drop_cache, att_cache, heads)
+    return y, (qkv_cache, (q, k, v), mask, att, proj_cache, proj_drop_cache, scale, heads)
 
 
 def attention_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, N, D), grads {qkv_w, qkv_b, proj_w, proj_b}.
 
-    o = A v:                 dA = do v^T,  dv = A^T do
-    A = softmax(s):          ds = A * (dA - sum_j dA * A)
-    s = q k^T / sqrt(hs):    dq = ds k / sqrt(hs),  dk = ds^T q / sqrt(hs)
+    o = A_d v, A_d = A * mask:  dA_d = do v^T,  dv = A_d^T do,  dA = dA_d * mask
+    A = softmax(s):             ds = A * (dA - sum_j dA * A)
+    s = q k^T / sqrt(hs):       dq = ds k / sqrt(hs),  dk = ds^T q / sqrt(hs)
     """
-    qkv_cache, (q, k, v), att_d, att, drop_cache, proj_cache, proj_drop_cache, att_cache, heads = cache
+    qkv_cache, (q, k, v), mask, att, proj_cache, proj_drop_cache, scale, heads = cache
     xp = get_xp(dy)
     B, N, D = dy.shape
     nh, hs = heads, D // heads
@@ -55,17 +94,11 @@ def attention_backward(dy, cache):
     # fwd: y = o @ proj_w + proj_b
     do, dproj_w, dproj_b = linear_backward(dy, proj_cache)              # (B, N, D)
     do = do.reshape(B, N, nh, hs).transpose(0, 2, 1, 3)                 # (B, nh, N, hs): heads split (a view)
-    # fwd: o = att_d @ v;  dq, dk, dv are written straight into dqkv, laid out as qkv
+    # fwd: o = A_d v, A = softmax(q k^T / sqrt(hs)); dq, dk, dv are written straight into dqkv, laid out as qkv
     dqkv = xp.empty((B, N, 3, nh, hs), dy.dtype)                        # (B, N, 3, nh, hs) = (B, N, 3D)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                          # (B, nh, N, hs) each (views)
-    datt_d = matmul(do, v.swapaxes(-1, -2))                             # (B, nh, N, N)
-    matmul(att_d.swapaxes(-1, -2), do, out=dv)                          # dv = A^T do
-    # fwd: att_d = dropout(att); att = softmax(scores / sqrt(hs))
-    datt = dropout_backward(datt_d, drop_cache)
-    dscores = softmax_backward(datt, att_cache)                         # (B, nh, N, N), 1/sqrt(hs) folded in
-    # fwd: scores = q @ k^T
-    matmul(dscores, k, out=dq)                                          # dq = ds k
-    matmul(dscores.swapaxes(-1, -2), q, out=dk)                         # dk = ds^T q
+    masks = () if mask is None else (mask,)
+    row_blocks(partial(_attention_grad_rows, scale=scale), q, k, v, att, do, dq, dk, dv, *masks)   # chunks
     # fwd: qkv = x @ qkv_w + qkv_b
     dx, dqkv_w, dqkv_b = linear_backward(dqkv.reshape(B, N, 3 * D), qkv_cache)   # (B, N, D)
     return dx, {"qkv_w": dqkv_w, "qkv_b": dqkv_b, "proj_w": dproj_w, "proj_b": dproj_b}

@@ -229,7 +229,11 @@ def row_blocks(fn, *arrays, block_elems=None):
     threads = max(1, min(num_threads(), len(starts) // MIN_BLOCKS))    # else not worth a join
 
     def run(part):
-        return [fn(*(a[lo:lo + rows] for a in arrays)) for lo in starts[part[0]:part[1]]]
+        _local.in_blocks = True                          # (matmul inside fn: one thread, no split)
+        try:
+            return [fn(*(a[lo:lo + rows] for a in arrays)) for lo in starts[part[0]:part[1]]]
+        finally:
+            _local.in_blocks = False
 
     with blas_threads(1):                                # a BLAS call inside fn stays on its own thread
         return [r for part in parallel(run, _split(len(starts), threads)) for r in part]
@@ -312,7 +316,8 @@ def matmul(a, b, out=None):
     each product OpenBLAS's idle threads keep spinning for a while and take the cores from the elementwise row
     blocks that come next. Small 2-D products (under SPLIT_GEMM_2D multiply-adds, e.g. every product of
     mnist-tiny, whose elementwise work is too small to share out anyway) go to BLAS's own threads, which start
-    faster than a Python thread pool (mnist-tiny step: 35 ms against 38 ms split). The package's other BLAS calls
+    faster than a Python thread pool (mnist-tiny step: 35 ms against 38 ms split). Inside `row_blocks` (attention's
+    chunks of images) a product is one plain call on the block's thread. The package's other BLAS calls
     (row and column sums as matrix-vector products) run on one BLAS thread, so they leave no thread spinning.
     """
     xp = get_xp(a)
@@ -322,7 +327,7 @@ def matmul(a, b, out=None):
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     threads = num_threads()
     work = m * k * n * (math.prod(out.shape[:-2]) or 1)                 # multiply-adds
-    if xp is not np:
+    if xp is not np or getattr(_local, "in_blocks", False):   # GPU, or inside a row block (already one thread)
         return xp.matmul(a, b, out=out)
     if out.ndim == 2 and work < SPLIT_GEMM_2D:
         with blas_threads(threads):                    # a small 2-D product: on BLAS's own threads

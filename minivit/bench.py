@@ -103,7 +103,8 @@ def matmul_shapes(cfg, batch, train=True):
     Each entry is C (batch_dims..., m, n) = op(A) @ op(B) with op(A) (m, k) and op(B) (k, n); trans_a says A is
     stored (k, m) and read transposed (a transposed view, as BLAS sees it). Forward products in the order of
     vit_forward; in training, then for each forward product C = A B its two backward products
-    dA = dC B^T and dB = A^T dC (for q k^T: dq = ds k and dk = ds^T q).
+    dA = dC B^T and dB = A^T dC (for q k^T: dq = ds k and dk = ds^T q). Attention copies k^T and v^T to
+    contiguous memory before its products with them (attention.py), so q k^T and do v^T are listed untransposed.
     """
     B, N, Np, D, M, K = batch, cfg.seq_len, cfg.num_patches, cfg.width, cfg.mlp_dim, cfg.num_classes
     nh, hs, P, C, rep = cfg.heads, cfg.head_dim, cfg.patch_size, cfg.channels, cfg.representation_size
@@ -111,7 +112,7 @@ def matmul_shapes(cfg, batch, train=True):
     fwd = [("patch_embed", (), B * Np, P * P * C, D, False, False)]
     for i in range(cfg.depth):
         fwd += [(f"blocks.{i}.qkv", (), R, D, 3 * D, False, False),
-                (f"blocks.{i}.scores", (B, nh), N, hs, N, False, True),      # q k^T
+                (f"blocks.{i}.scores", (B, nh), N, hs, N, False, False),     # q k^T (k^T copied contiguous)
                 (f"blocks.{i}.att_v", (B, nh), N, N, hs, False, False),      # A v
                 (f"blocks.{i}.proj", (), R, D, D, False, False),
                 (f"blocks.{i}.fc1", (), R, D, M, False, False),
@@ -123,8 +124,10 @@ def matmul_shapes(cfg, batch, train=True):
         return fwd
     bwd = []
     for name, bd, m, k, n, ta, tb in reversed(fwd):
-        if tb:   # C = A B^T (B stored (n, k)): dA = dC B (m, n)@(n, k); dB = dC^T A (n, m)@(m, k)
+        if name.endswith(".scores"):   # s = q k^T: dq = ds k (m, n)@(n, k); dk = ds^T q (n, m)@(m, k)
             bwd += [(name + ".dA", bd, m, n, k, False, False), (name + ".dB", bd, n, m, k, True, False)]
+        elif name.endswith(".att_v"):  # o = A v: dA = do v^T (v^T copied contiguous, as k^T); dv = A^T do
+            bwd += [(name + ".dA", bd, m, n, k, False, False), (name + ".dB", bd, k, m, n, True, False)]
         else:    # C = A B: dA = dC B^T (m, n)@(n, k); dB = A^T dC (k, m)@(m, n)
             bwd += [(name + ".dA", bd, m, n, k, False, True), (name + ".dB", bd, k, m, n, True, False)]
     return fwd + bwd
