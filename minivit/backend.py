@@ -372,12 +372,13 @@ _GPU_SOURCES = {
                        "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
                        "dx = dy * ((T)0.5 * ((T)1 + t) + ((T)1 - t * t) * (T)0.3989422804014327 * x"
                        " * ((T)1 + (T)0.134145 * x * x))"),
-    # layers._gelu_tanh_value_grad_rows: y = gelu(x) and dx = dy gelu'(x), both from one t
-    "gelu_tanh_value_grad": ("T x, T dy", "T y, T dx",
-                             "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
-                             "y = (T)0.5 * x * ((T)1 + t);"
-                             "dx = dy * ((T)0.5 * ((T)1 + t) + ((T)1 - t * t) * (T)0.3989422804014327 * x"
-                             " * ((T)1 + (T)0.134145 * x * x))"),
+    # layers._bias_gelu_tanh_value_deriv_rows: x = u + b;  y = gelu(x);  u <- gelu'(x), both from one t
+    "bias_gelu_tanh_value_deriv": ("T b", "T u, T y",
+                                   "T x = u + b;"
+                                   "T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));"
+                                   "y = (T)0.5 * x * ((T)1 + t);"
+                                   "u = (T)0.5 * ((T)1 + t) + ((T)1 - t * t) * (T)0.3989422804014327 * x"
+                                   " * ((T)1 + (T)0.134145 * x * x)"),
     # optim._adam_rows: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p * decay - step m / (sqrt(v / c2) + eps)
     "adam": ("T g, T b1, T b2, T eps, T c2, T step, T decay", "T p, T m, T v",
              "m = b1 * m + ((T)1 - b1) * g; v = b2 * v + ((T)1 - b2) * (g * g);"

@@ -157,22 +157,10 @@ def linear_backward(dy, cache):
     dx = dy @ w^T;  dw = x^T @ dy (summed over all rows);  db = sum of dy over all rows.
     """
     x, w = cache
-    dx = linear_input_grad(dy, w).reshape(x.shape)       # (..., D_in)
-    dw, db = linear_param_grads(dy, x)                   # (D_in, D_out), (D_out,)
-    return dx, dw, db
-
-
-def linear_input_grad(dy, w):
-    """The input half of linear_backward: dy (..., D_out) -> dx (..., D_in) = dy @ w^T."""
-    dx = matmul(dy.reshape(-1, dy.shape[-1]), w.T)       # (R, D_in)   dy @ w^T, all rows in one product
-    return dx.reshape(*dy.shape[:-1], w.shape[0])
-
-
-def linear_param_grads(dy, x):
-    """The parameter half of linear_backward: dw = x^T @ dy (D_in, D_out), db = sum of dy over rows (D_out,)."""
-    dy2 = dy.reshape(-1, dy.shape[-1])                   # (R, D_out)
+    dy2 = dy.reshape(-1, dy.shape[-1])                   # (R, D_out): all rows in one product
+    dx = matmul(dy2, w.T).reshape(x.shape)               # (..., D_in)  dy @ w^T
     dw = matmul(x.reshape(-1, x.shape[-1]).T, dy2)       # (D_in, D_out) x^T @ dy
-    return dw, _col_sum(dy2)
+    return dx, dw, _col_sum(dy2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,34 +316,31 @@ def _gelu_tanh_grad_rows(x, dy, dx):
     if get_xp(x) is not np:
         gpu_kernel("gelu_tanh_grad")(x, dy, dx)          # CuPy: the same function as one fused kernel
         return
-    _gelu_tanh_value_grad_rows(x, dy, scratch(x, slot=2), dx)   # gelu(x) itself lands in a scratch buffer
+    _gelu_tanh_value_deriv_rows(x, scratch(x, slot=2), dx)   # gelu'(x); gelu(x) itself lands in a scratch buffer
+    dx *= dy                                             # dx = dy * gelu'(x)
 
 
-def _gelu_tanh_value_grad_rows(x, dy, y, dx):
-    """y = gelu(x) and dx = dy * gelu'(x) on one block of rows. With t = tanh(u) and p = (1 + t) / 2 = sigmoid(2u),
-    gelu(x) = x p and dp/du = 2 p (1 - p), so gelu_backward's derivative reads
+def _gelu_tanh_value_deriv_rows(x, y, d):
+    """y = gelu(x) and d = gelu'(x) on one block of rows (d may be x itself). With t = tanh(u) and
+    p = (1 + t) / 2 = sigmoid(2u), gelu(x) = x p and dp/du = 2 p (1 - p), so gelu_backward's derivative reads
 
         gelu'(x) = p + x 2 p (1 - p) u'(x) = p + 2 y (1 - p) u'(x),   u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 
     the same function in fewer passes over the block, y = gelu(x) coming out on the way.
     """
     xp = get_xp(x)
-    if xp is not np:
-        gpu_kernel("gelu_tanh_value_grad")(x, dy, y, dx)   # CuPy: the same functions as one fused kernel
-        return
     p, a = scratch(x, slot=0), scratch(x, slot=1)
     xp.multiply(x, x, out=a)                             # x^2 (kept for u'(x))
     _tanh_u_rows(x, a, p)                                # t = tanh(u)
     p *= 0.5
     p += 0.5                                             # p = (1 + t) / 2
-    xp.multiply(x, p, out=y)                             # y = gelu(x) = x p
+    xp.multiply(x, p, out=y)                             # y = gelu(x) = x p  (the last use of x)
     a *= 2.0 * 3.0 * 0.044715 * _SQRT_2_OVER_PI
     a += 2.0 * _SQRT_2_OVER_PI                           # 2 u'(x)
     a *= y                                               # 2 y u'(x)
-    xp.subtract(1.0, p, out=dx)                          # 1 - p (dx as scratch)
-    a *= dx                                              # 2 y (1 - p) u'(x)
-    a += p                                               # gelu'(x)
-    xp.multiply(dy, a, out=dx)                           # dx = dy * gelu'(x)
+    xp.subtract(1.0, p, out=d)                           # 1 - p
+    a *= d                                               # 2 y (1 - p) u'(x)
+    xp.add(a, p, out=d)                                  # d = gelu'(x)
 
 
 def gelu_forward(x, approximate="tanh"):
@@ -403,69 +388,65 @@ def _bias_gelu_tanh_rows(u, y, b):
     _gelu_tanh_rows(u, y)                                # y = gelu(u)
 
 
-def _gelu_tanh_grad_sum_rows(u, dy, du):
-    """du = dy * gelu'(u) on one block of rows; returns the block's sum of du over its rows (its share of db)."""
-    _gelu_tanh_grad_rows(u, dy, du)
+def _bias_gelu_tanh_value_deriv_rows(u, y, b):
+    """u += b, y = gelu(u), then u is overwritten by gelu'(u) (all backward needs of it), on one block of rows."""
+    if get_xp(u) is not np:
+        gpu_kernel("bias_gelu_tanh_value_deriv")(b, u, y)   # CuPy: the same function as one fused kernel
+        return
+    u += b                                               # u = x @ w + b
+    _gelu_tanh_value_deriv_rows(u, y, u)                 # y = gelu(u);  u <- gelu'(u)
+
+
+def _mul_col_sum_rows(dy, d, du):
+    """du = dy * d on one block of rows; returns the block's sum of du over its rows (its share of db)."""
+    get_xp(dy).multiply(dy, d, out=du)
     return _col_sum(du)
 
 
-def _gelu_tanh_value_grad_sum_rows(u, dy, y, du):
-    """y = gelu(u) and du = dy * gelu'(u) on one block of rows; returns the block's sum of du over its rows."""
-    _gelu_tanh_value_grad_rows(u, dy, y, du)
-    return _col_sum(du)
-
-
-def linear_gelu_forward(x, w, b, approximate="tanh"):
+def linear_gelu_forward(x, w, b, approximate="tanh", grad=True):
     """x: (..., D_in), w: (D_in, D_out), b: (D_out,) -> (..., D_out).   y = gelu(x @ w + b)
 
     linear_forward then gelu_forward (the MLP's fc1 and its activation), with the bias add and the GELU done in
-    one pass over row blocks after the matrix product. Cache: x, w and u = x @ w + b.
+    one pass over row blocks after the matrix product. That pass also computes gelu'(u), u = x @ w + b (it shares
+    tanh(u) with gelu(u)), and writes it over u: the cache keeps x, w and gelu'(u), so backward's GELU step is a
+    single multiply. grad=False (inference, no backward to come): gelu(u) only, and the cache is None.
     """
     if approximate != "tanh":                            # the exact form: the two layers as they are
         u, lin_cache = linear_forward(x, w, b)
         y, gelu_cache = gelu_forward(u, approximate)
-        return y, (lin_cache, gelu_cache)
+        return y, ((lin_cache, gelu_cache) if grad else None)
     xp = get_xp(x)
     lead = x.shape[:-1]
     u = matmul(x.reshape(-1, x.shape[-1]), w)            # (R, D_out)  x @ w
     y = xp.empty_like(u)                                 # (R, D_out)
-    row_blocks(lambda ub, yb: _bias_gelu_tanh_rows(ub, yb, b), u, y)     # u += b;  y = gelu(u)
+    if not grad:
+        row_blocks(lambda ub, yb: _bias_gelu_tanh_rows(ub, yb, b), u, y)              # u += b;  y = gelu(u)
+        return y.reshape(*lead, w.shape[1]), None
+    row_blocks(lambda ub, yb: _bias_gelu_tanh_value_deriv_rows(ub, yb, b), u, y)      # y = gelu(u);  u <- gelu'(u)
     return y.reshape(*lead, w.shape[1]), ((x, w), (u, approximate))
 
 
-def linear_gelu_backward(dy, cache, output=False):
-    """dy: (..., D_out) -> dx (..., D_in), dw (D_in, D_out), db (D_out,) [, y (..., D_out) with output=True].
+def linear_gelu_backward(dy, cache):
+    """dy: (..., D_out) -> dx (..., D_in), dw (D_in, D_out), db (D_out,).
 
     du = dy * gelu'(u) (with db = sum of du over rows, in the same pass);  dx = du @ w^T;  dw = x^T @ du.
-    output=True also returns the forward output y = gelu(u), recomputed in the same pass (it shares tanh(u) with
-    gelu'(u)), for a caller that did not keep y (mlp_backward).
     """
-    (x, w), (u, approximate) = cache
+    (x, w), (d, approximate) = cache
     xp = get_xp(dy)
-    u = u.reshape(-1, u.shape[-1])                       # (R, D_out)
-    dy2 = xp.ascontiguousarray(dy).reshape(u.shape)      # (R, D_out)
+    dy2 = xp.ascontiguousarray(dy).reshape(-1, dy.shape[-1])   # (R, D_out)
     # fwd: y = gelu(u)
-    y = None
-    if approximate != "tanh":                            # the exact form: the GELU layer's own backward
-        du = gelu_backward(dy2, (u, approximate))        # (R, D_out)
+    if approximate != "tanh":                            # the exact form: the GELU layer's own backward (d is u)
+        du = gelu_backward(dy2, (d.reshape(dy2.shape), approximate))   # (R, D_out)
         parts = [_col_sum(du)]
-        if output:
-            y = gelu_forward(u, approximate)[0]
     else:
-        du = xp.empty_like(u)                            # (R, D_out)
-        if output:
-            y = xp.empty_like(u)                         # (R, D_out)
-            parts = row_blocks(_gelu_tanh_value_grad_sum_rows, u, dy2, y, du)
-        else:
-            parts = row_blocks(_gelu_tanh_grad_sum_rows, u, dy2, du)
+        du = xp.empty_like(dy2)                          # (R, D_out)
+        parts = row_blocks(_mul_col_sum_rows, dy2, d.reshape(dy2.shape), du)   # du = dy * gelu'(u)
     db = parts[0]
     for part in parts[1:]:
         db += part                                       # db = sum of du over all rows
     # fwd: u = x @ w + b
-    dx = linear_input_grad(du, w).reshape(x.shape)       # (..., D_in)   du @ w^T
+    dx = matmul(du, w.T).reshape(x.shape)                # (..., D_in)   du @ w^T
     dw = matmul(x.reshape(-1, x.shape[-1]).T, du)        # (D_in, D_out) x^T @ du
-    if output:
-        return dx, dw, db, y.reshape(*x.shape[:-1], w.shape[1])
     return dx, dw, db
 
 

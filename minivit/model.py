@@ -19,8 +19,8 @@ from minivit.backend import get_xp, to_device
 from minivit.config import param_shapes
 from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward,
                             layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                            linear_gelu_backward, linear_gelu_forward, linear_input_grad, linear_param_grads,
-                            patch_embed_backward, patch_embed_forward, tokens_backward, tokens_forward)
+                            linear_gelu_backward, linear_gelu_forward, patch_embed_backward, patch_embed_forward,
+                            tokens_backward, tokens_forward)
 from minivit.tree import flatten, unflatten
 
 
@@ -96,48 +96,39 @@ def check_params(params, cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # MLP and encoder block
 
-def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0):
+def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0, grad=True):
     """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))
 
-    The cache keeps fc1's pre-activation u but not the hidden h = drop(gelu(u)): backward recomputes h from u in
-    the pass that computes gelu'(u) anyway, which saves a (B, N, M) array per block (the largest activation of a
-    ViT).
+    The cache keeps fc2's input h and, in place of fc1's pre-activation u, gelu'(u) (computed in the GELU pass,
+    which shares tanh(u) with gelu(u)): backward's GELU step is then one multiply. grad=False (inference): no cache.
     """
-    h, fc1_cache = linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate)   # (B, N, M) gelu(fc1(x))
+    h, fc1_cache = linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate, grad)   # (B, N, M) gelu(fc1(x))
     h, drop1_cache = dropout_forward(h, dropout, train, rng)
-    y, (_, fc2_w) = linear_forward(h, p["fc2_w"], p["fc2_b"])           # (B, N, D); h is not kept
+    y, fc2_cache = linear_forward(h, p["fc2_w"], p["fc2_b"])           # (B, N, D)
     y, drop2_cache = dropout_forward(y, dropout, train, rng)
-    return y, (fc1_cache, drop1_cache, fc2_w, drop2_cache)
+    return y, ((fc1_cache, drop1_cache, fc2_cache, drop2_cache) if grad else None)
 
 
 def mlp_backward(dy, cache):
-    """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}.
-
-    fc2's input h = drop(gelu(u)) was not kept, and its weight gradient dfc2_w = h^T dy needs it. So the input
-    gradient dh = dy fc2_w^T comes first (it needs only the weight) and goes back through the dropout mask; then
-    one pass over u recomputes gelu(u) and computes du = (dh * mask) gelu'(u) together (they share tanh(u));
-    then h = gelu(u) * mask and the weight gradients.
-    """
-    fc1_cache, drop1_cache, fc2_w, drop2_cache = cache
+    """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}: the layers' backwards in reverse."""
+    fc1_cache, drop1_cache, fc2_cache, drop2_cache = cache
     dy = dropout_backward(dy, drop2_cache)
-    # fwd: y = h @ fc2_w + fc2_b
-    dh = dropout_backward(linear_input_grad(dy, fc2_w), drop1_cache)   # (B, N, M) dy @ fc2_w^T, times the mask
-    # fwd: h = drop(gelu(x @ fc1_w + fc1_b))
-    dx, dfc1_w, dfc1_b, h = linear_gelu_backward(dh, fc1_cache, output=True)   # h = gelu(u) from the same pass
-    h = dropout_backward(h, drop1_cache)                               # h * mask: the forward's dropout again
-    dfc2_w, dfc2_b = linear_param_grads(dy, h)                         # fwd: y = h @ fc2_w + fc2_b
+    dh, dfc2_w, dfc2_b = linear_backward(dy, fc2_cache)                # fwd: y = h @ fc2_w + fc2_b
+    dh = dropout_backward(dh, drop1_cache)                             # fwd: h = drop(gelu(u))
+    dx, dfc1_w, dfc1_b = linear_gelu_backward(dh, fc1_cache)           # fwd: gelu(u), u = x @ fc1_w + fc1_b
     return dx, {"fc1_w": dfc1_w, "fc1_b": dfc1_b, "fc2_w": dfc2_w, "fc2_b": dfc2_b}
 
 
-def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0):
-    """x: (B, N, D) -> (B, N, D).   x1 = x + MSA(LN(x));  y = x1 + MLP(LN(x1))"""
+def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0, grad=True):
+    """x: (B, N, D) -> (B, N, D).   x1 = x + MSA(LN(x));  y = x1 + MLP(LN(x1))
+    grad=False: inference, no backward to come (the MLP then skips what only backward needs)."""
     h, norm1_cache = layernorm_forward(x, p["norm1"]["w"], p["norm1"]["b"], cfg.ln_eps)
     h, attn_cache = attention_forward(h, p["attn"], cfg.heads, train, rng, cfg.attn_dropout, cfg.dropout)
     h, dp1_cache = drop_path_forward(h, drop_path, train, rng)
     h += x                                                              # x1 = x + h, in place (h is ours)
     x1 = h                                                              # (B, N, D) first residual
     h, norm2_cache = layernorm_forward(x1, p["norm2"]["w"], p["norm2"]["b"], cfg.ln_eps)
-    h, mlp_cache = mlp_forward(h, p["mlp"], cfg.gelu, train, rng, cfg.dropout)
+    h, mlp_cache = mlp_forward(h, p["mlp"], cfg.gelu, train, rng, cfg.dropout, grad)
     h, dp2_cache = drop_path_forward(h, drop_path, train, rng)
     h += x1                                                             # y = x1 + h, in place
     y = h                                                               # (B, N, D) second residual
@@ -207,7 +198,7 @@ def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
             x, c = block_forward(x, p, cfg, train, rng, rate)                            # (B, N, D)
             cache["blocks"].append(c)
         else:
-            x = block_forward(x, p, cfg, train, rng, rate)[0]                            # the cache goes at once
+            x = block_forward(x, p, cfg, train, rng, rate, grad=False)[0]                # the cache goes at once
     x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
     return x, cache
 

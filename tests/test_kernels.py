@@ -191,13 +191,17 @@ def test_linear_gelu_is_linear_then_gelu(threads, dtype):
     np.testing.assert_allclose(dx, du @ w.T, **t)
     np.testing.assert_allclose(dw, x.reshape(-1, 64).T @ du.reshape(-1, 400), **t)
     np.testing.assert_allclose(db, du.reshape(-1, 400).sum(0), **t)
-    *grads, y_again = linear_gelu_backward(dy, cache, output=True)  # the fused value-and-gradient pass
-    np.testing.assert_array_equal(y_again, y)                 # the recomputed output is the output
-    for a, b_ in zip(grads, (dx, dw, db)):
-        np.testing.assert_allclose(a, b_, **tol(dtype))
+    y_infer, no_cache = linear_gelu_forward(x, w, b, "tanh", grad=False)   # inference: gelu(u) only
+    assert no_cache is None
+    np.testing.assert_allclose(y_infer, y, **tol(dtype))
     ye, ce = linear_gelu_forward(x, w, b, "exact")           # the exact form goes through the plain layers
-    assert ye.shape == y.shape and linear_gelu_backward(dy, ce)[0].shape == x.shape
-    np.testing.assert_array_equal(linear_gelu_backward(dy, ce, output=True)[3], ye)
+    dxe, dwe, dbe = linear_gelu_backward(dy, ce)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(u.astype(np.float64) / math.sqrt(2)))     # Phi(u)
+    np.testing.assert_allclose(ye, u * cdf, **tol(dtype))
+    due = dy * (cdf + u * np.exp(-0.5 * u * u) / math.sqrt(2 * math.pi))              # dy * (Phi(u) + u phi(u))
+    np.testing.assert_allclose(dxe, due @ w.T, **t)
+    np.testing.assert_allclose(dbe, due.reshape(-1, 400).sum(0), **t)
+    assert dwe.shape == w.shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -282,9 +286,10 @@ def test_gpu_kernel_formulas_match_the_references():
     np.testing.assert_allclose(y, ref_gelu(x), rtol=1e-12, atol=1e-14)
     (dx,) = run_gpu_source("gelu_tanh_grad", x=x, dy=dy)
     np.testing.assert_allclose(dx, dy * ref_gelu_grad(x), rtol=1e-12, atol=1e-14)
-    y2, dx2 = run_gpu_source("gelu_tanh_value_grad", x=x, dy=dy)
+    b = rand(500, seed=2)
+    u2, y2 = run_gpu_source("bias_gelu_tanh_value_deriv", b=b, u=x - b)   # fc1's pass: u + b in, u <- gelu'
     np.testing.assert_allclose(y2, ref_gelu(x), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(dx2, dx, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(u2, ref_gelu_grad(x), rtol=1e-12, atol=1e-14)
     p, g, m, v = rand(50), rand(50, seed=1), rand(50, seed=2), np.abs(rand(50, seed=3))
     lr, b1, b2, eps, c2, decay = 0.01, 0.9, 0.999, 1e-8, 0.3, 0.99
     p1, m1, v1 = run_gpu_source("adam", g=g, b1=b1, b2=b2, eps=eps, c2=c2, step=lr, decay=decay,
@@ -307,8 +312,8 @@ def test_gpu_kernels_match_numpy():
     np.testing.assert_allclose(CUPY.asnumpy(yg), y, rtol=1e-5, atol=1e-5)
     for a, ag in zip(linear_gelu_backward(dy, c), linear_gelu_backward(CUPY.asarray(dy), cg)):
         np.testing.assert_allclose(CUPY.asnumpy(ag), a, rtol=1e-4, atol=1e-4)
-    for a, ag in zip(linear_gelu_backward(dy, c, output=True), linear_gelu_backward(CUPY.asarray(dy), cg, output=True)):
-        np.testing.assert_allclose(CUPY.asnumpy(ag), a, rtol=1e-4, atol=1e-4)   # the fused value-and-gradient kernel
+    yi, _ = linear_gelu_forward(CUPY.asarray(x), CUPY.asarray(w), CUPY.asarray(b), grad=False)   # inference kernel
+    np.testing.assert_allclose(CUPY.asnumpy(yi), y, rtol=1e-5, atol=1e-5)
     s = rand(2, 3, 7, 7, dtype=np.float32)
     np.testing.assert_allclose(CUPY.asnumpy(softmax_forward(CUPY.asarray(s), 0.5)[0]), softmax_forward(s, 0.5)[0],
                                rtol=1e-5, atol=1e-6)
