@@ -204,16 +204,26 @@ def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
 
 
 def encoder_backward(dy, cache):
-    """dy: (B, N, D) -> dx (B, Np, D), grads {cls_token (None for 'gap'), pos_embed, blocks, norm}."""
-    if cache["blocks"] is None:
+    """dy: (B, N, D) -> dx (B, Np, D), grads {cls_token (None for 'gap'), pos_embed, blocks, norm}.
+
+    The backward pass consumes the blocks' activations: each block's cache is released as soon as its backward
+    is done (as autograd frees its graph), so the gradients being made reuse that memory instead of adding to the
+    peak. A second backward through the same cache is an error; run the forward pass again.
+    """
+    blocks = cache["blocks"]
+    if blocks is None:
         raise ValueError("this forward pass ran with keep_cache=False (inference): it kept nothing to backpropagate "
                          "through; run it with keep_cache=True")
+    if any(c is None for c in blocks):
+        raise ValueError("this cache has been through a backward pass already, which released its activations; "
+                         "run the forward pass again")
     g = {}
     dx, dw, db = layernorm_backward(dy, cache["norm"])
     g["norm"] = {"w": dw, "b": db}
     dblocks = []
-    for c in reversed(cache["blocks"]):
-        dx, gb = block_backward(dx, c)
+    for i in reversed(range(len(blocks))):
+        dx, gb = block_backward(dx, blocks[i])
+        blocks[i] = None                                                                 # release its activations
         dblocks.append(gb)
     g["blocks"] = dblocks[::-1]
     dx = dropout_backward(dx, cache["drop"])
@@ -288,6 +298,9 @@ def attention_probs(cache):
     """The attention probabilities of every layer of a forward pass: a list of L arrays (B, nh, N, N)."""
     if cache["blocks"] is None:
         raise ValueError("this forward pass ran with keep_cache=False: it kept no attention probabilities")
+    if any(c is None for c in cache["blocks"]):
+        raise ValueError("this cache has been through a backward pass, which released the attention probabilities: "
+                         "read them before vit_backward, or run the forward pass again")
     return [c[1][ATTN_PROBS] for c in cache["blocks"]]
 
 

@@ -140,6 +140,21 @@ def test_inference_forward_without_cache_gives_the_same_outputs():
         attention_probs(cache_nc)
 
 
+def test_backward_releases_the_blocks_activations():
+    cfg = get_config("test")
+    params = init_params(cfg, seed=1, dtype=np.float64)
+    x = np.random.default_rng(2).standard_normal((2, *cfg.image_hw, cfg.channels))
+    logits, cache = vit_forward(params, x, cfg)
+    _, grads = vit_backward(np.ones_like(logits), cache)
+    _, again = vit_backward(np.ones_like(logits), vit_forward(params, x, cfg)[1])    # a fresh forward: same grads
+    np.testing.assert_array_equal(grads["blocks"][0]["attn"]["qkv_w"], again["blocks"][0]["attn"]["qkv_w"])
+    assert cache["blocks"] == [None] * cfg.depth                                    # released, block by block
+    with pytest.raises(ValueError, match="backward pass already"):
+        vit_backward(np.ones_like(logits), cache)
+    with pytest.raises(ValueError, match="released the attention probabilities"):
+        attention_probs(cache)
+
+
 def test_bad_input_errors_name_the_problem():
     cfg = get_config("test")
     params = init_params(cfg)
