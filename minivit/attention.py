@@ -28,13 +28,13 @@ def _attention_rows(q, k, v, att, o, mask=None, *, scale):
     """One chunk of images: att = softmax(q k^T * scale);  o = (att * mask) v, heads merged. In place in att, o."""
     xp = get_xp(q)
     N = att.shape[-1]
+    # k^T copied to contiguous memory: OpenBLAS ran q @ (a k^T view) at half speed at cifar-small's 65x64 heads
     kT = scratch(k, k.shape[:2] + (k.shape[3], N), slot=2)
-    xp.copyto(kT, k.swapaxes(-1, -2))                     # k^T (b, nh, hs, N) in contiguous memory: OpenBLAS
-    matmul(q, kT, out=att)                             # ran q @ (a k^T view) at half speed at 65x64 heads
-                                                          # (b, nh, N, N)  q k^T
+    xp.copyto(kT, k.swapaxes(-1, -2))                     # (b, nh, hs, N)  k^T
+    matmul(q, kT, out=att)                                # (b, nh, N, N)  q k^T
     _softmax_rows(att.reshape(-1, N), att.reshape(-1, N), scale)   # softmax(q k^T / sqrt(hs)), row by row
     att_d = att if mask is None else att * mask           # dropout on the probabilities
-    matmul(att_d, v, out=o.transpose(0, 2, 1, 3))      # o[:, :, h] = A_h v_h, (b, N, nh, hs)
+    matmul(att_d, v, out=o.transpose(0, 2, 1, 3))         # o[:, :, h] = A_h v_h, (b, N, nh, hs)
 
 
 def _attention_grad_rows(q, k, v, att, do, dq, dk, dv, mask=None, *, scale):
@@ -46,13 +46,13 @@ def _attention_grad_rows(q, k, v, att, do, dq, dk, dv, mask=None, *, scale):
     att_d = att if mask is None else att * mask
     vT = scratch(v, v.shape[:2] + (v.shape[3], N), slot=2)
     xp.copyto(vT, v.swapaxes(-1, -2))                     # v^T in contiguous memory (as k^T in forward)
-    matmul(do, vT, out=datt)                           # dA_d = do v^T
-    matmul(att_d.swapaxes(-1, -2), do, out=dv)         # dv = A_d^T do
+    matmul(do, vT, out=datt)                              # dA_d = do v^T
+    matmul(att_d.swapaxes(-1, -2), do, out=dv)            # dv = A_d^T do
     if mask is not None:
         datt *= mask                                      # dA = dA_d * mask
     _softmax_grad_rows(datt.reshape(-1, N), att.reshape(-1, N), ds.reshape(-1, N), scale)   # ds, 1/sqrt(hs) in
-    matmul(ds, k, out=dq)                              # dq = ds k
-    matmul(ds.swapaxes(-1, -2), q, out=dk)             # dk = ds^T q
+    matmul(ds, k, out=dq)                                 # dq = ds k
+    matmul(ds.swapaxes(-1, -2), q, out=dk)                # dk = ds^T q
 
 
 def attention_forward(x, p, heads, train=False, rng=None, attn_dropout=0.0, proj_dropout=0.0):
