@@ -203,6 +203,18 @@ def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
     return x, cache
 
 
+def _block_caches(cache, what):
+    """cache["blocks"], or a ValueError saying why the blocks' `what` are not there (inference, or used by backward)."""
+    blocks = cache["blocks"]
+    if blocks is None:
+        raise ValueError(f"this forward pass ran with keep_cache=False (inference): it kept no {what}; run it with "
+                         "keep_cache=True")
+    if any(c is None for c in blocks):
+        raise ValueError(f"this cache has been through a backward pass already, which released the {what}; run the "
+                         "forward pass again")
+    return blocks
+
+
 def encoder_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, Np, D), grads {cls_token (None for 'gap'), pos_embed, blocks, norm}.
 
@@ -210,13 +222,7 @@ def encoder_backward(dy, cache):
     is done (as autograd frees its graph), so the gradients being made reuse that memory instead of adding to the
     peak. A second backward through the same cache is an error; run the forward pass again.
     """
-    blocks = cache["blocks"]
-    if blocks is None:
-        raise ValueError("this forward pass ran with keep_cache=False (inference): it kept nothing to backpropagate "
-                         "through; run it with keep_cache=True")
-    if any(c is None for c in blocks):
-        raise ValueError("this cache has been through a backward pass already, which released its activations; "
-                         "run the forward pass again")
+    blocks = _block_caches(cache, "activations to backpropagate through")
     g = {}
     dx, dw, db = layernorm_backward(dy, cache["norm"])
     g["norm"] = {"w": dw, "b": db}
@@ -296,12 +302,7 @@ def vit_backward(dlogits, cache):
 
 def attention_probs(cache):
     """The attention probabilities of every layer of a forward pass: a list of L arrays (B, nh, N, N)."""
-    if cache["blocks"] is None:
-        raise ValueError("this forward pass ran with keep_cache=False: it kept no attention probabilities")
-    if any(c is None for c in cache["blocks"]):
-        raise ValueError("this cache has been through a backward pass, which released the attention probabilities: "
-                         "read them before vit_backward, or run the forward pass again")
-    return [c[1][ATTN_PROBS] for c in cache["blocks"]]
+    return [c[1][ATTN_PROBS] for c in _block_caches(cache, "attention probabilities (read them before vit_backward)")]
 
 
 def predict(params, cfg, images, batch_size=256):
