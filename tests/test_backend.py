@@ -1,4 +1,6 @@
 """Device selection and the errors for a missing CuPy or GPU."""
+import ast
+import pathlib
 import sys
 import types
 
@@ -61,3 +63,28 @@ def test_set_threads_validates_and_sets(monkeypatch):
         backend.set_num_threads(None)
     with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
         backend.set_threads(0)
+
+
+def test_every_array_routine_the_package_calls_exists_in_cupy():
+    """Every `xp.name` (and `xp.a.b`) in the package's source is an attribute of CuPy too, so the one code path
+    runs on both: checked by reading the source, no GPU needed (skips without CuPy)."""
+    cupy = pytest.importorskip("cupy")
+    calls = {}
+    for path in sorted(pathlib.Path(__file__).parents[1].joinpath("minivit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            parts = []
+            while isinstance(node, ast.Attribute):       # xp.cuda.Device -> ["Device", "cuda"], then Name xp
+                parts.append(node.attr)
+                node = node.value
+            if parts and isinstance(node, ast.Name) and node.id == "xp":
+                calls.setdefault(".".join(reversed(parts)), path.name)
+    assert {"matmul", "tanh", "exp", "empty_like"} <= set(calls)     # the scan found the layers' calls
+
+    def has(module, dotted):
+        for part in dotted.split("."):
+            if not hasattr(module, part):
+                return False
+            module = getattr(module, part)
+        return True
+    missing = {name: where for name, where in calls.items() if not has(cupy, name)}
+    assert not missing, f"not in CuPy: {missing}"

@@ -301,6 +301,38 @@ def test_gpu_kernel_formulas_match_the_references():
     np.testing.assert_allclose(p1, p * decay - lr * m_ref / (np.sqrt(v_ref / c2) + eps), rtol=1e-12)
 
 
+def cuda_wrapper(name, T):
+    """GPU kernel `name` as a plain CUDA C kernel over arrays (what ElementwiseKernel generates, less its
+    indexing machinery): one element per thread, inputs read into constants, outputs bound as references."""
+    params, outs, body = backend._GPU_SOURCES[name]
+    ins, outs = [d.split()[-1] for d in params.split(",")], [d.split()[-1] for d in outs.split(",")]
+    args = ", ".join([f"const T* {n}_" for n in ins] + [f"T* {n}_" for n in outs] + ["int n"])
+    binds = " ".join([f"const T {n} = {n}_[i];" for n in ins] + [f"T& {n} = {n}_[i];" for n in outs])
+    return (f"typedef {T} T;\n"
+            f'extern "C" __global__ void {name}({args}) {{\n'
+            f"  int i = blockIdx.x * blockDim.x + threadIdx.x;\n  if (i >= n) return;\n"
+            f"  {binds}\n  {body};\n}}\n")
+
+
+@pytest.mark.parametrize("T", ["float", "double"])
+def test_gpu_kernel_sources_compile(T):
+    """Each CUDA body compiles with NVRTC, in float and double: a typo in a kernel that no GPU has run yet fails
+    here. Needs CuPy and its NVRTC library only, no GPU (skips without them)."""
+    pytest.importorskip("cupy")
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:   # CuPy without the NVRTC shared library
+        pytest.skip(f"no NVRTC library: {e}")
+    for name in backend._GPU_SOURCES:
+        program = nvrtc.createProgram(cuda_wrapper(name, T), f"{name}.cu", [], [])
+        try:
+            nvrtc.compileProgram(program, ["-arch=compute_70"])
+        except nvrtc.NVRTCError:
+            pytest.fail(f"GPU kernel {name!r} ({T}) does not compile:\n{nvrtc.getProgramLog(program)}")
+        assert nvrtc.getPTX(program)
+
+
 # ---- GPU twins (CuPy), where a GPU exists
 
 @requires_gpu
