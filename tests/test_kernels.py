@@ -6,6 +6,8 @@ must stay float32. Where CuPy and a GPU are present, the same functions run on C
 """
 import math
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +16,11 @@ import minivit.backend as backend
 from minivit.backend import blas_threads, matmul, row_blocks, scratch, set_num_threads, tune_allocator
 from minivit.layers import (gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_gelu_backward,
                             linear_gelu_forward, softmax_backward, softmax_forward)
+from minivit.config import get_config
+from minivit.loss import cross_entropy_backward, cross_entropy_forward
+from minivit.model import init_params, vit_backward, vit_forward
 from minivit.optim import optimizer_init, optimizer_step
+from minivit.tree import flatten
 
 from conftest import CUPY, requires_gpu
 
@@ -331,6 +337,67 @@ def test_gpu_kernel_sources_compile(T):
         except nvrtc.NVRTCError:
             pytest.fail(f"GPU kernel {name!r} ({T}) does not compile:\n{nvrtc.getProgramLog(program)}")
         assert nvrtc.getPTX(program)
+
+
+class NumpyAsCupy(types.ModuleType):
+    """NumPy standing in for CuPy, installed as sys.modules["cupy"]: its `ndarray` is NumPy's, so `get_xp` takes
+    every array for a CuPy one and returns this module, and every `xp is not np` line (the GPU path) runs on the
+    CPU. ElementwiseKernel evaluates the kernel's CUDA body with NumPy (run_gpu_source) and writes the outputs
+    into the arrays passed, as CuPy does; `calls` records which kernels ran."""
+    ndarray = np.ndarray
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.calls = []
+        outer = self
+
+        class ElementwiseKernel:
+            def __init__(self, params, outs, body, name):
+                self.kernel = name.removeprefix("minivit_")
+                self.ins = [d.split()[-1] for d in params.split(",")]
+                self.outs = [d.split()[-1] for d in outs.split(",")]
+
+            def __call__(self, *args):
+                outer.calls.append(self.kernel)
+                values = run_gpu_source(self.kernel, **dict(zip(self.ins + self.outs, args)))
+                for out, value in zip(args[len(self.ins):], values):
+                    np.copyto(out, value)
+        self.ElementwiseKernel = ElementwiseKernel
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def test_gpu_path_on_the_cpu_matches_the_cpu_path(monkeypatch):
+    """The lines only the GPU runs (fused kernels called with their arguments in order, whole-array calls instead
+    of row blocks, plain reductions, the optimizer's kernel with its scalars) give the CPU path's training step and
+    inference, with NumPy standing in for CuPy: what a GPU would run, less CuPy itself."""
+    cfg = get_config("test", dropout=0.1, attn_dropout=0.1, drop_path=0.1)   # masks drawn on the host, then moved
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((6, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, cfg.num_classes, 6)
+
+    def train_step_and_predict():
+        params = init_params(cfg, seed=1)                                     # float32
+        logits, cache = vit_forward(params, images, cfg, train=True, rng=np.random.default_rng(2))
+        _, loss_cache = cross_entropy_forward(logits, labels)
+        _, grads = vit_backward(cross_entropy_backward(loss_cache), cache)
+        optimizer_step(params, grads, optimizer_init(params), 1e-2, weight_decay=0.1)   # in place
+        infer, _ = vit_forward(params, images, cfg, keep_cache=False)        # inference: no gelu'
+        gelu_y, gelu_cache = gelu_forward(images)                            # the GELU layer on its own
+        return [logits, infer, gelu_y, gelu_backward(images, gelu_cache), *flatten(grads).values(),
+                *flatten(params).values()]
+
+    expected = train_step_and_predict()
+    fake = NumpyAsCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend, "_gpu_kernels", {})
+    assert backend.get_xp(images) is fake
+    got = train_step_and_predict()
+    assert set(fake.calls) == set(backend._GPU_SOURCES)                     # every kernel ran
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype == np.float32
+        np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-6)
 
 
 # ---- GPU twins (CuPy), where a GPU exists
