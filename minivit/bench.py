@@ -37,8 +37,11 @@ What is reported per case:
   its cold start);
   then the logits and every gradient compared on one batch (max relative difference), and the ratio minivit/torch.
 
-`--device gpu`: the same steps on CuPy (and PyTorch on CUDA), synchronized before every clock read; memory is the
-device pool's (PyTorch: max_memory_allocated); the GEMM floor and the matmul rate are measured on the CPU only.
+`--device gpu`: the same steps on CuPy (and PyTorch on CUDA), synchronized before every clock read. Memory is
+device memory: base = bytes in use after setup, peak = the high-water mark of a step (CuPy's memory pool, recorded
+by its allocator over one more step; PyTorch: memory_allocated, max_memory_allocated), step = peak - base. The GEMM
+floor and the matmul rate are measured on the GPU with CuPy's matmul (cuBLAS), each product between two
+synchronizations.
 
 The FLOP formula (`matmul_flops`). With R = B*N token rows, Np patches, P*P*C patch length and L blocks, one forward
 pass costs
@@ -151,21 +154,23 @@ def _shapes_flops(shapes):
     return sum(2 * math.prod(bd) * m * k * n for _, bd, m, k, n, _, _ in shapes)
 
 
-def _operand(rng, bd, rows, cols, trans):
-    """A float32 operand that reads as (bd..., rows, cols): stored (cols, rows) and transposed when `trans`."""
+def _operand(rng, bd, rows, cols, trans, xp=np):
+    """A float32 operand of module xp that reads as (bd..., rows, cols): stored (cols, rows) and transposed when
+    `trans`."""
     if trans:
-        return rng.standard_normal(bd + (cols, rows), dtype=np.float32).swapaxes(-1, -2)
-    return rng.standard_normal(bd + (rows, cols), dtype=np.float32)
+        return xp.asarray(rng.standard_normal(bd + (cols, rows), dtype=np.float32)).swapaxes(-1, -2)
+    return xp.asarray(rng.standard_normal(bd + (rows, cols), dtype=np.float32))
 
 
-def gemm_floor(shapes, reps=3, seed=0):
-    """Milliseconds for the products of `shapes` (NumPy, float32, into preallocated outputs): a lower bound.
+def gemm_floor(shapes, reps=3, seed=0, xp=np):
+    """Milliseconds for the products of `shapes` (float32, into preallocated outputs): a lower bound.
 
-    Each distinct product is timed `reps` times in two ways, plain `np.matmul` (BLAS's own threads) and
-    `backend.matmul` (as the layers call it: large products split over the threads), and costs the best time; the
-    floor is the sum over the step's list. Operands are random float32 in the stated layouts.
+    NumPy: each distinct product is timed `reps` times in two ways, plain `np.matmul` (BLAS's own threads) and
+    `backend.matmul` (as the layers call it: large products split over the threads), and costs the best time.
+    CuPy (xp=cupy): `cupy.matmul` on the GPU, timed between two synchronizations (its launch included, as in a
+    step). The floor is the sum over the step's list. Operands are random float32 in the stated layouts.
     """
-    from minivit.backend import matmul
+    from minivit.backend import matmul, synchronize
     rng = np.random.default_rng(seed)
     counts = {}
     for _, bd, m, k, n, ta, tb in shapes:
@@ -173,28 +178,39 @@ def gemm_floor(shapes, reps=3, seed=0):
         counts[key] = counts.get(key, 0) + 1
     total = 0.0
     for (bd, m, k, n, ta, tb), count in counts.items():
-        a, b = _operand(rng, bd, m, k, ta), _operand(rng, bd, k, n, tb)
-        c = np.empty(bd + (m, n), np.float32)
+        a, b = _operand(rng, bd, m, k, ta, xp), _operand(rng, bd, k, n, tb, xp)
+        c = xp.empty(bd + (m, n), np.float32)
+        if xp is np:
+            runs = (lambda: np.matmul(a, b, out=c), lambda: matmul(a, b, out=c))
+        else:
+            runs = (lambda: xp.matmul(a, b, out=c),)
         best = float("inf")
-        for _ in range(reps + 1):                         # the first round warms up (threads, pages)
-            for run in (lambda: np.matmul(a, b, out=c), lambda: matmul(a, b, out=c)):
+        for _ in range(reps + 1):                         # the first round warms up (threads, pages; GPU kernels)
+            for run in runs:
+                synchronize(xp)
                 t0 = time.perf_counter()
                 run()                                     # C = op(A) @ op(B), nothing else
+                synchronize(xp)
                 best = min(best, time.perf_counter() - t0)
         total += count * best
     return total * 1e3
 
 
-def matmul_peak(n=2048, reps=5):
-    """The float32 matmul rate of this machine in GFLOP/s: the best of `reps` (n, n) @ (n, n) products."""
+def matmul_peak(n=None, reps=5, xp=np):
+    """The float32 matmul rate of this machine (xp=cupy: of the GPU) in GFLOP/s: the best of `reps` (n, n) @ (n, n)
+    products, n = 2048 on the CPU and 8192 on the GPU (large enough to fill it)."""
+    from minivit.backend import synchronize
+    n = n or (2048 if xp is np else 8192)
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    c = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=c)
+    a, b = (xp.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    c = xp.empty((n, n), np.float32)
+    xp.matmul(a, b, out=c)
     best = float("inf")
     for _ in range(reps):
+        synchronize(xp)
         t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
+        xp.matmul(a, b, out=c)
+        synchronize(xp)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -278,6 +294,7 @@ class MinivitRunner:
         self.images = self.xp.asarray(images)
         self.state = optimizer_init(self.params, "adamw") if case.train else None
         self.rng = np.random.default_rng(seed + 3)      # dropout masks (none at the configs' rate 0)
+        self.gpu_base = None if self.xp is np else self.xp.get_default_memory_pool().used_bytes()
 
     def step(self):
         from minivit.backend import synchronize
@@ -292,6 +309,27 @@ class MinivitRunner:
         else:
             vit_forward(self.params, self.images, self.cfg, keep_cache=False)   # inference: as torch.no_grad
         synchronize(self.xp)
+
+    def device_memory(self):
+        """GPU only: device memory in use before a step (parameters, optimizer state, batch) and at the step's peak,
+        from CuPy's memory pool. The peak comes from one more step with an allocator that records the pool's
+        high-water mark after each allocation (the timed steps ran without it)."""
+        if self.xp is np:
+            return {}
+        pool = self.xp.get_default_memory_pool()
+        peak = pool.used_bytes()
+
+        def malloc(size):                                # the pool's allocator, noting the bytes in use
+            nonlocal peak
+            memory = pool.malloc(size)
+            peak = max(peak, pool.used_bytes())
+            return memory
+        self.xp.cuda.set_allocator(malloc)
+        try:
+            self.step()
+        finally:
+            self.xp.cuda.set_allocator(pool.malloc)
+        return {"gpu_base_mb": self.gpu_base / 2 ** 20, "gpu_peak_mb": peak / 2 ** 20}
 
     def dump(self, path, n=4):
         """Save the current parameters, a batch of n, its logits and every gradient of its loss (for --vs-torch)."""
@@ -412,8 +450,8 @@ def _worker(argv):
         elif cmd == "floor":
             cfg = runner.cfg
             shapes = matmul_shapes(cfg, case.batch, case.train)
-            reply = {"gemm_floor_ms": gemm_floor(shapes, reps=int(rest[0])) if device == "cpu" else None,
-                     "matmul_peak_gflops": matmul_peak() if device == "cpu" else None}
+            reply = {"gemm_floor_ms": gemm_floor(shapes, reps=int(rest[0]), xp=runner.xp),
+                     "matmul_peak_gflops": matmul_peak(xp=runner.xp)}
         elif cmd == "profile":
             from minivit.backend import synchronize
             steps = int(rest[0])
@@ -527,6 +565,8 @@ def run_case(case, device="cpu", threads=2, steps=10, warmup=2, vs_torch=False, 
                  "rss_base_mb": mem["rss_base_mb"], "rss_peak_mb": mem["rss_peak_mb"],
                  "step_mem_mb": mem["rss_peak_mb"] - mem["rss_base_mb"]}
             r.update({k: v for k, v in mem.items() if k.startswith("gpu_")})
+            if "gpu_peak_mb" in r:                        # on the GPU, a step's memory is device memory
+                r["step_mem_mb"] = r["gpu_peak_mb"] - r["gpu_base_mb"]
             result[w.framework] = r
         m = result["minivit"]
         floor = workers[0].ask(f"floor {floor_reps}")
@@ -597,14 +637,15 @@ def format_table(results):
             if fw not in r:
                 continue
             m = r[fw]
+            base, peak = (m["gpu_base_mb"], m["gpu_peak_mb"]) if "gpu_peak_mb" in m else (m["rss_base_mb"],
+                                                                                         m["rss_peak_mb"])
             floor = r["minivit"].get("gemm_floor_ms")
             frac = m.get("peak_fraction")
             lines.append(
                 f"{r['case'] if fw == 'minivit' else '':<14} {fw:<8} {m['ms']['median']:>8.1f} {m['ms']['min']:>8.1f} "
                 f"{m['ms']['max']:>8.1f} {m['images_per_s']:>7.1f} {m['gflops']:>8.1f} "
                 f"{_fmt(frac, '.0%'):>5} {_fmt(floor if fw == 'minivit' else None, '.1f', ''):>8} "
-                f"{_fmt(m.get('floor_ratio'), '.2f'):>7} {m['rss_base_mb']:>8.0f} "
-                f"{m['rss_peak_mb']:>8.0f} {m['step_mem_mb']:>8.0f}")
+                f"{_fmt(m.get('floor_ratio'), '.2f'):>7} {base:>8.0f} {peak:>8.0f} {m['step_mem_mb']:>8.0f}")
         if "ratio_vs_torch" in r:
             c = r.get("check", {})
             mr = r.get("mem_ratio_vs_torch")
@@ -614,7 +655,7 @@ def format_table(results):
                          f"{c.get('grads_max_rel', float('nan')):.1e} ({c.get('grads_worst', '?')})"
                          f"{'' if c.get('ok', True) else '  DISAGREE'}")
     lines.append("ms per step (median, min, max); floor: the GEMM floor in ms; peak: fraction of the machine's "
-                 "matmul rate; step MB = peak RSS - base RSS")
+                 "matmul rate; step MB = peak RSS - base RSS (--device gpu: of device memory, not RSS)")
     return "\n".join(lines)
 
 
@@ -671,7 +712,8 @@ def run_bench(args):
                                 args.profile, args.floor_reps, seed=args.seed))
     peaks = [r["matmul_peak_gflops"] for r in results if r.get("matmul_peak_gflops")]
     if peaks:
-        print(f"float32 matmul rate of this machine: {max(peaks):.0f} GFLOP/s ({threads} threads)")
+        where = "the GPU" if args.device == "gpu" else f"this machine ({threads} threads)"
+        print(f"float32 matmul rate of {where}: {max(peaks):.0f} GFLOP/s")
     print(format_table(results))
     if args.profile:
         for r in results:

@@ -148,6 +148,7 @@ class TorchRunner:
         self.opt = make_optimizer(self.model) if case.train else None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+            self.gpu_base = torch.cuda.memory_allocated()   # parameters, optimizer state, batch
 
     def sync(self):
         if self.device.type == "cuda":
@@ -167,7 +168,7 @@ class TorchRunner:
     def device_memory(self):
         if self.device.type != "cuda":
             return {}
-        return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
+        return {"gpu_base_mb": self.gpu_base / 2 ** 20, "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
                 "gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20}
 
     def check(self, path, tol=2e-3):

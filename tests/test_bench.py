@@ -1,16 +1,21 @@
 """The benchmark: its FLOP formula against the products a step really runs, and a short run of a tiny case."""
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
 
 import minivit.attention
+import minivit.backend as backend
 import minivit.layers
-from minivit.bench import (CASES, Profiler, _shapes_flops, gemm_floor, main, matmul_flops, matmul_shapes, run_case)
+from minivit.bench import (CASES, MinivitRunner, Profiler, _shapes_flops, format_table, gemm_floor, main,
+                           matmul_flops, matmul_peak, matmul_shapes, run_case)
 from minivit.config import get_config
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
+
+from fake_cupy import NumpyAsCupy
 
 CONFIGS = [("test", {}), ("test", {"pooling": "gap"}), ("test", {"representation_size": 7}),
            ("test", {"gelu": "exact"}), ("mnist-tiny", {})]
@@ -61,6 +66,29 @@ def test_gemm_floor_times_the_list():
     shapes = matmul_shapes(get_config("test"), 2, True)
     ms = gemm_floor(shapes, reps=1)
     assert 0 < ms < 1000
+
+
+def test_gpu_bench_lines_run_with_numpy_standing_in_for_cupy(monkeypatch):
+    """--device gpu's own lines (floor and matmul rate on the device, synchronized; device memory through the
+    pool's allocator; the GPU memory columns) run, with NumPy standing in for CuPy (no GPU here)."""
+    fake = NumpyAsCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend, "_gpu_kernels", {})
+    assert 0 < gemm_floor(matmul_shapes(get_config("test"), 2, True), reps=1, xp=fake) < 1000
+    assert fake.syncs > 0
+    assert matmul_peak(n=64, reps=1, xp=fake) > 0
+    runner = MinivitRunner(CASES["mnist-tiny"], device="gpu")
+    assert runner.xp is fake
+    runner.step()
+    assert "adam" in fake.calls                                   # the step ran the GPU kernels
+    mem = runner.device_memory()
+    assert mem["gpu_peak_mb"] >= mem["gpu_base_mb"] >= 0
+    assert fake.allocators[-1] == fake.pool.malloc                # the pool's own allocator is back
+    row = {"ms": {"median": 10.0, "min": 9.0, "max": 11.0}, "images_per_s": 1.0, "gflops": 1.0,
+           "rss_base_mb": 1.0, "rss_peak_mb": 2.0, "step_mem_mb": 300.0, "gpu_base_mb": 1234.0,
+           "gpu_peak_mb": 1534.0}
+    table = format_table([{"case": "mnist-tiny", "minivit": row}])
+    assert "1234" in table and "1534" in table and "device memory" in table
 
 
 def test_profiler_times_ops_and_restores_the_functions():

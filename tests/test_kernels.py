@@ -5,9 +5,7 @@ float32 and float64, on arrays large enough to be cut into several row blocks an
 must stay float32. Where CuPy and a GPU are present, the same functions run on CuPy and must match NumPy.
 """
 import math
-import re
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from minivit.optim import optimizer_init, optimizer_step
 from minivit.tree import flatten
 
 from conftest import CUPY, requires_gpu
+from fake_cupy import NumpyAsCupy, run_gpu_source
 
 C = math.sqrt(2 / math.pi)
 DTYPES = [np.float32, np.float64]
@@ -271,21 +270,6 @@ def test_blocked_adamw_matches_plain_formula(threads, dtype):
 
 # ---- GPU twins: their CUDA formulas, checked on the CPU
 
-def run_gpu_source(name, **arrays):
-    """Evaluate the body of GPU kernel `name` with NumPy on float64 arrays: the CUDA statements are plain
-    arithmetic, so dropping the (T) casts and the `T` declarations leaves Python. Returns the output variables."""
-    params, outs, body = backend._GPU_SOURCES[name]
-    env = {"tanh": np.tanh, "sqrt": np.sqrt, **arrays}
-    for decl in outs.split(","):
-        env.setdefault(decl.split()[-1], None)
-    code = re.sub(r"\(T\)", "", body)
-    code = re.sub(r"\bT\s+(\w+)\s*=", r"\1 =", code)
-    for statement in code.split(";"):
-        if statement.strip():
-            exec(statement.strip(), {"__builtins__": {}}, env)
-    return [env[decl.split()[-1]] for decl in outs.split(",")]
-
-
 def test_gpu_kernel_formulas_match_the_references():
     x, dy = rand(500, scale=3.0), rand(500, seed=1)
     (y,) = run_gpu_source("gelu_tanh", x=x)
@@ -337,35 +321,6 @@ def test_gpu_kernel_sources_compile(T):
         except nvrtc.NVRTCError:
             pytest.fail(f"GPU kernel {name!r} ({T}) does not compile:\n{nvrtc.getProgramLog(program)}")
         assert nvrtc.getPTX(program)
-
-
-class NumpyAsCupy(types.ModuleType):
-    """NumPy standing in for CuPy, installed as sys.modules["cupy"]: its `ndarray` is NumPy's, so `get_xp` takes
-    every array for a CuPy one and returns this module, and every `xp is not np` line (the GPU path) runs on the
-    CPU. ElementwiseKernel evaluates the kernel's CUDA body with NumPy (run_gpu_source) and writes the outputs
-    into the arrays passed, as CuPy does; `calls` records which kernels ran."""
-    ndarray = np.ndarray
-
-    def __init__(self):
-        super().__init__("cupy")
-        self.calls = []
-        outer = self
-
-        class ElementwiseKernel:
-            def __init__(self, params, outs, body, name):
-                self.kernel = name.removeprefix("minivit_")
-                self.ins = [d.split()[-1] for d in params.split(",")]
-                self.outs = [d.split()[-1] for d in outs.split(",")]
-
-            def __call__(self, *args):
-                outer.calls.append(self.kernel)
-                values = run_gpu_source(self.kernel, **dict(zip(self.ins + self.outs, args)))
-                for out, value in zip(args[len(self.ins):], values):
-                    np.copyto(out, value)
-        self.ElementwiseKernel = ElementwiseKernel
-
-    def __getattr__(self, name):
-        return getattr(np, name)
 
 
 def test_gpu_path_on_the_cpu_matches_the_cpu_path(monkeypatch):
