@@ -145,12 +145,12 @@ def make_augment(tc):
     return Augment(**{**asdict(base), **{k: v for k, v in over.items() if v is not None}})
 
 
-def load_data(tc, image_size):
-    """The Dataset of a run, resized to the model's input size."""
+def load_data(tc, image_size, progress=True):
+    """The Dataset of a run, resized to the model's input size (`progress`: a bar while shapes are first drawn)."""
     from minivit.data import load_dataset
     opts = {}
     if tc.dataset == "shapes":
-        opts = {"n_train": tc.n_train or 20000, "n_test": tc.n_test or 2000}
+        opts = {"n_train": tc.n_train or 20000, "n_test": tc.n_test or 2000, "progress": progress}
     return load_dataset(tc.dataset, data_dir=tc.data_dir, image_size=image_size, **opts)
 
 
@@ -360,7 +360,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     xp = get_backend(device)
     if data is None:   # load at the model's input size (shapes is drawn at 64 and reduced, never enlarged)
         size = tc.image_size or (cfg.image_hw[0] if cfg is not None else get_config(tc.model).image_hw[0])
-        data = load_data(tc, size)
+        data = load_data(tc, size, progress)
     ds = data
     cfg = resolve_model(tc, ds, cfg)
     if ds.image_shape[:2] != cfg.image_hw:
