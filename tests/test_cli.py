@@ -1,0 +1,149 @@
+"""The command line end to end, in process (`minivit.cli.main`): every command on a tiny model and a small draw of
+the embedded shapes data, what it prints and what it writes, and the one-line errors a user sees for bad input.
+The workflow runs twice: on the CPU, and with --device gpu where NumPy stands in for CuPy (tests/fake_cupy.py),
+which runs every command's GPU lines without a GPU."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minivit.backend as backend
+from minivit.checkpoint import load_checkpoint
+from minivit.cli import main
+
+from fake_cupy import NumpyAsCupy
+
+SHAPES = ["--dataset", "shapes", "--n-train", "64", "--n-test", "32"]
+TINY = ["--model", "shapes-small", "--width", "16", "--depth", "2", "--heads", "2", "--mlp-dim", "32"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One folder for the shapes draw, shared by the module's tests (it is drawn once, then read)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def device_flag(request, monkeypatch):
+    """--device cpu, or --device gpu with NumPy standing in for CuPy (its kernel calls recorded in .calls)."""
+    if request.param == "gpu":
+        fake = NumpyAsCupy()
+        monkeypatch.setitem(sys.modules, "cupy", fake)
+        monkeypatch.setattr(backend, "_gpu_kernels", {})
+        return ["--device", "gpu"], fake
+    return ["--device", "cpu"], None
+
+
+def cli(capsys, *argv):
+    """Run `minivit ARGV...` in process: (exit status, stdout, stderr)."""
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_train_then_every_command_on_its_checkpoint(tmp_path, data_dir, device_flag, capsys):
+    device, fake = device_flag
+    data = [*SHAPES, "--data-dir", data_dir]
+    run = tmp_path / "run"
+    status, out, err = cli(capsys, "train", *data, *TINY, "--epochs", "1", "--max-steps", "3", "--batch-size", 16,
+                           "--quiet", "--out", run, *device)
+    assert status == 0, err
+    assert "done: 3 updates" in out and f"run folder: {run}" in out
+    assert {p.name for p in run.iterdir()} >= {"last.npz", "best.npz", "log.jsonl", "config.json"}
+    assert json.loads((run / "config.json").read_text())["train"]["device"] == device[1]
+    if fake is not None:
+        assert {"adam", "bias_gelu_tanh_value_deriv"} <= set(fake.calls)      # the GPU kernels ran
+
+    # --resume goes on to the end of the epoch (64 images / 16 = 4 updates)
+    status, out, err = cli(capsys, "train", "--resume", run, "--quiet", *device)
+    assert status == 0, err
+    assert "done: 4 updates" in out
+    ckpt = run / "last.npz"
+    _, cfg, meta = load_checkpoint(ckpt)
+    assert meta["progress"]["step"] == 4 and cfg.width == 16
+
+    status, out, err = cli(capsys, "eval", ckpt, *data, *device)
+    assert status == 0, err
+    assert f"{ckpt} on shapes test split (32 images, 32x32): accuracy" in out
+    assert sum(line.split()[0] in meta["data"]["classes"] for line in out.splitlines()[3:]) == 10
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    status, out, err = cli(capsys, "predict", ckpt, image, "--top-k", 3, *device)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0] == str(image) and len(lines) == 4
+    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and all(0 < p < 100 for p in probs)
+
+    figures = tmp_path / "figures"
+    status, out, err = cli(capsys, "inspect", ckpt, *data, "--num-images", 4, "--out", figures, *device)
+    assert status == 0, err
+    pngs = sorted(p.name for p in figures.glob("*.png"))
+    assert pngs == ["attention_distance.png", "attention_maps.png", "embedding_filters.png",
+                    "pos_embed_similarity.png", "rollout.png"]
+    for name in pngs:
+        with Image.open(figures / name) as im:
+            assert im.format == "PNG" and min(im.size) > 32
+
+    status, out, err = cli(capsys, "fewshot", ckpt, *data, "--shots", "1,2", "--seeds", 1, *device)
+    assert status == 0, err
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert len(rows) == 2 and all(0.0 <= float(r[1]) <= 1.0 for r in rows)
+
+    tuned = tmp_path / "finetuned"
+    status, out, err = cli(capsys, "finetune", "--from", ckpt, *data, "--image-size", 48, "--max-steps", 2,
+                           "--batch-size", 16, "--quiet", "--out", tuned, *device)
+    assert status == 0, err
+    assert "fine-tuning" in out and "at 48x48 (grid 6x6" in out and "done: 2 updates" in out
+    params, cfg, _ = load_checkpoint(tuned / "last.npz")
+    assert cfg.image_hw == (48, 48) and params["pos_embed"].shape == (1, 37, 16)
+
+
+def test_pretrain_mpp_then_finetune_from_it(tmp_path, data_dir, device_flag, capsys):
+    device, _ = device_flag
+    data = [*SHAPES, "--data-dir", data_dir]
+    status, out, err = cli(capsys, "pretrain-mpp", *data, *TINY, "--max-steps", 2, "--batch-size", 16, "--quiet",
+                           "--out", tmp_path / "mpp", *device)
+    assert status == 0, err
+    assert "colour accuracy on corrupted test patches" in out
+    status, out, err = cli(capsys, "finetune", "--from", tmp_path / "mpp" / "last.npz", *data, "--max-steps", 2,
+                           "--batch-size", 16, "--quiet", "--out", tmp_path / "ft", *device)
+    assert status == 0, err
+    params, cfg, _ = load_checkpoint(tmp_path / "ft" / "last.npz")
+    assert cfg.num_classes == 10 and params["head"]["w"].shape == (16, 10)
+
+
+def test_gradcheck_command(capsys):
+    status, out, _ = cli(capsys, "gradcheck", "--config", "test")
+    assert status == 0
+    assert out.splitlines()[-1].startswith("33 tensors, 0 failed; worst ")
+
+
+def test_bad_input_is_one_line_that_names_it(tmp_path, data_dir, capsys):
+    """Exit status 2 and `minivit COMMAND: error: ...` naming the file or value; no traceback."""
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    cases = [
+        (["eval", tmp_path / "nothere.npz"], "no such checkpoint file"),
+        (["finetune", "--image-size", 48], "finetune needs --from CHECKPOINT"),
+        (["train", "--dataset", "nosuch", "--max-steps", 1], "unknown data set 'nosuch'"),
+        (["eval", tmp_path / "nothere.npz", "--dataset", "mnist"], "no such checkpoint file"),
+    ]
+    status, out, err = cli(capsys, "train", *SHAPES, "--data-dir", data_dir, *TINY, "--max-steps", 1,
+                           "--batch-size", 16, "--quiet", "--out", tmp_path / "run")
+    assert status == 0, err
+    ckpt = tmp_path / "run" / "last.npz"
+    cases += [
+        (["predict", ckpt, tmp_path / "nothere.png"], "nothere.png does not exist"),
+        (["predict", ckpt, not_an_image], f"cannot read image {not_an_image}"),
+        (["eval", ckpt, "--dataset", "mnist", "--data-dir", tmp_path / "empty"], "mnist is not available"),
+    ]
+    for argv, message in cases:
+        status, out, err = cli(capsys, *argv)
+        command = str(argv[0])
+        assert status == 2, (argv, out, err)
+        assert err.startswith(f"minivit {command}: error: ") and message in err, (argv, err)
+        assert "Traceback" not in err
