@@ -155,7 +155,7 @@ def state_to_flat(state):
 def state_from_flat(flat, params):
     """Inverse of `state_to_flat`, with the moments placed on the parameters' device and dtype."""
     from minivit.tree import unflatten
-    xp = get_xp(flatten(params)["pos_embed"])
+    xp = get_xp(next(iter(flatten(params).values())))        # (params may be the head alone: a linear probe)
     state = {"step": int(flat["step"])}
     for key in ("m", "v"):
         sub = {k[len(key) + 1:]: xp.asarray(v) for k, v in flat.items() if k.startswith(key + ".")}

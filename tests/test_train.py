@@ -121,6 +121,18 @@ def test_resume_into_a_different_model_is_refused(tmp_path):
               progress=False, log=None)
 
 
+def test_linear_probe_resumes_bit_identical(tmp_path):
+    """freeze_backbone keeps optimizer state for the head alone; a resume rebuilds it from that (it used to look
+    for the position embedding among the head's parameters)."""
+    full = train(tiny_config(tmp_path / "a", freeze_backbone=True), data=tiny_data(), progress=False, log=None)
+    part = train(tiny_config(tmp_path / "b", freeze_backbone=True, max_steps=5), data=tiny_data(), progress=False,
+                 log=None)
+    resumed = train(None, resume=part.run_dir, data=tiny_data(), progress=False, log=None)
+    assert resumed.steps == full.steps == 12
+    a, b = final_params(full.run_dir), final_params(resumed.run_dir)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a = train(tiny_config(tmp_path / "a", epochs=1, batch_size=16), data=tiny_data(), progress=False, log=None)
     b = train(tiny_config(tmp_path / "b", epochs=1, batch_size=16, accum_steps=4), data=tiny_data(),
