@@ -324,11 +324,8 @@ class MinivitRunner:
             memory = pool.malloc(size)
             peak = max(peak, pool.used_bytes())
             return memory
-        self.xp.cuda.set_allocator(malloc)
-        try:
+        with self.xp.cuda.using_allocator(malloc):
             self.step()
-        finally:
-            self.xp.cuda.set_allocator(pool.malloc)
         return {"gpu_base_mb": self.gpu_base / 2 ** 20, "gpu_peak_mb": peak / 2 ** 20}
 
     def dump(self, path, n=4):

@@ -332,8 +332,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     if resume is not None:
         ckpt = Path(resume)
         ckpt = ckpt / "last.npz" if ckpt.is_dir() else ckpt
-        params, cfg, meta, opt_flat = load_checkpoint(ckpt, device=(tc.device if tc else None),
-                                                      with_optimizer=True)
+        params, cfg, meta, opt_flat = load_checkpoint(ckpt, device="cpu", with_optimizer=True)   # device: below
         if "train" not in meta or opt_flat is None:
             raise CheckpointError(f"{ckpt} has no training state to resume (a weights-only checkpoint?)")
         saved = TrainConfig.from_dict(meta["train"])
@@ -358,6 +357,9 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     tc = resolve_defaults(tc or TrainConfig())
     device = resolve_device(tc.device)
     xp = get_backend(device)
+    if resume is not None:     # onto the run's device: the saved one, or the one asked for now
+        from minivit.backend import to_device
+        params = to_device(params, device)
     if data is None:   # load at the model's input size (shapes is drawn at 64 and reduced, never enlarged)
         size = tc.image_size or (cfg.image_hw[0] if cfg is not None else get_config(tc.model).image_hw[0])
         data = load_data(tc, size, progress)

@@ -78,12 +78,18 @@ def test_gpu_bench_lines_run_with_numpy_standing_in_for_cupy(monkeypatch):
     assert fake.syncs > 0
     assert matmul_peak(n=64, reps=1, xp=fake) > 0
     runner = MinivitRunner(CASES["mnist-tiny"], device="gpu")
-    assert runner.xp is fake
+    assert runner.xp is fake and isinstance(runner.params["pos_embed"], fake.ndarray)
     runner.step()
     assert "adam" in fake.calls                                   # the step ran the GPU kernels
+    step = runner.step
+
+    def step_that_allocates():                                    # the fake pool sees only what goes through
+        step()                                                    # the allocator: 1 MiB of it during the step
+        fake.allocator(2 ** 20)
+    runner.step = step_that_allocates
     mem = runner.device_memory()
-    assert mem["gpu_peak_mb"] >= mem["gpu_base_mb"] >= 0
-    assert fake.allocators[-1] == fake.pool.malloc                # the pool's own allocator is back
+    assert mem["gpu_peak_mb"] - mem["gpu_base_mb"] == 1.0
+    assert fake.allocator == fake.pool.malloc                     # the pool's own allocator is back
     row = {"ms": {"median": 10.0, "min": 9.0, "max": 11.0}, "images_per_s": 1.0, "gflops": 1.0,
            "rss_base_mb": 1.0, "rss_peak_mb": 2.0, "step_mem_mb": 300.0, "gpu_base_mb": 1234.0,
            "gpu_peak_mb": 1534.0}
