@@ -1,12 +1,15 @@
 """Shared fixtures: the array backends every layer test runs on.
 
 NumPy always; CuPy only when CuPy is installed and a CUDA GPU is usable, otherwise those cases are skipped with
-the reason (no test needs a GPU).
+the reason (no test needs a GPU); and NumPy standing in for CuPy (tests/fake_cupy.py), which runs the GPU lines
+of the package everywhere.
 """
+import sys
+
 import numpy as np
 import pytest
 
-from minivit.backend import DeviceError, import_cupy
+from minivit.backend import DeviceError, get_backend, import_cupy
 
 
 def _cupy_or_reason():
@@ -20,12 +23,27 @@ CUPY, CUPY_REASON = _cupy_or_reason()
 requires_gpu = pytest.mark.skipif(CUPY is None, reason=f"GPU backend unavailable: {CUPY_REASON}")
 
 
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=requires_gpu)])
-def device(request):
-    """'cpu', and 'gpu' where CuPy and a GPU are present."""
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=requires_gpu), "gpu-standin"])
+def device(request, monkeypatch):
+    """'cpu'; 'gpu' where CuPy and a GPU are present; and 'gpu' again under the id gpu-standin, with NumPy standing
+    in for CuPy (tests/fake_cupy.py): every GPU line of the package runs, on the CPU, with or without a GPU."""
+    if request.param == "gpu-standin":
+        install_standin(monkeypatch)
+        return "gpu"
     return request.param
+
+
+def install_standin(monkeypatch):
+    """Make NumPy stand in for CuPy for one test (undone after it); returns the stand-in module."""
+    from fake_cupy import NumpyAsCupy
+    import minivit.backend
+    fake = NumpyAsCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(minivit.backend, "_gpu_kernels", {})
+    return fake
 
 
 @pytest.fixture
 def xp(device):
-    return np if device == "cpu" else CUPY
+    """The array module of `device`: numpy, or CuPy (real, or the stand-in)."""
+    return np if device == "cpu" else get_backend("gpu")

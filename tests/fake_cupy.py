@@ -48,6 +48,16 @@ def _refuse_host(values, where):
                             f"(CuPy refuses this: move it with to_device / cupy.asarray first)")
 
 
+def _host_operand(x, where):
+    """One operand of a ufunc: a device array as a plain view; a host array of one or more dimensions refused.
+    (The flat, fast form of _refuse_host + _host: ufuncs are most of the calls.)"""
+    if type(x) is DeviceArray:
+        return x.view(np.ndarray)
+    if isinstance(x, np.ndarray) and x.ndim > 0 and not isinstance(x, DeviceArray):
+        _refuse_host((x,), where)
+    return x
+
+
 def _host(x):
     """Device arrays (nested) as plain ndarray views, for NumPy to compute on."""
     if isinstance(x, DeviceArray):
@@ -77,12 +87,13 @@ class DeviceArray(np.ndarray):
         """A host copy (cupy.ndarray.get)."""
         return np.array(self.view(np.ndarray), copy=True)
 
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        outs = kwargs.get("out", ())
-        _refuse_host(inputs + tuple(outs), f"{ufunc.__name__}.{method}")
-        result = getattr(ufunc, method)(*_host(inputs), **_host(kwargs))
-        if outs:
-            return outs[0] if len(outs) == 1 else outs
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        where = f"{ufunc.__name__}.{method}"
+        if out is not None:
+            kwargs["out"] = tuple(_host_operand(o, where) for o in out)
+        result = getattr(ufunc, method)(*(_host_operand(a, where) for a in inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
         return _device(result)
 
     def __array_function__(self, func, types, args, kwargs):

@@ -1,13 +1,11 @@
 """The benchmark: its FLOP formula against the products a step really runs, and a short run of a tiny case."""
 import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
 import minivit.attention
-import minivit.backend as backend
 import minivit.layers
 from minivit.bench import (CASES, MinivitRunner, Profiler, _shapes_flops, format_table, gemm_floor, main,
                            matmul_flops, matmul_peak, matmul_shapes, run_case)
@@ -15,7 +13,8 @@ from minivit.config import get_config
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
 
-from fake_cupy import NumpyAsCupy
+from conftest import install_standin
+
 
 CONFIGS = [("test", {}), ("test", {"pooling": "gap"}), ("test", {"representation_size": 7}),
            ("test", {"gelu": "exact"}), ("mnist-tiny", {})]
@@ -71,9 +70,7 @@ def test_gemm_floor_times_the_list():
 def test_gpu_bench_lines_run_with_numpy_standing_in_for_cupy(monkeypatch):
     """--device gpu's own lines (floor and matmul rate on the device, synchronized; device memory through the
     pool's allocator; the GPU memory columns) run, with NumPy standing in for CuPy (no GPU here)."""
-    fake = NumpyAsCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_gpu_kernels", {})
+    fake = install_standin(monkeypatch)
     assert 0 < gemm_floor(matmul_shapes(get_config("test"), 2, True), reps=1, xp=fake) < 1000
     assert fake.syncs > 0
     assert matmul_peak(n=64, reps=1, xp=fake) > 0

@@ -3,17 +3,16 @@ the embedded shapes data, what it prints and what it writes, and the one-line er
 The workflow runs twice: on the CPU, and with --device gpu where NumPy stands in for CuPy (tests/fake_cupy.py),
 which runs every command's GPU lines without a GPU."""
 import json
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import minivit.backend as backend
 from minivit.checkpoint import load_checkpoint
 from minivit.cli import main
 
-from fake_cupy import NumpyAsCupy
+from conftest import install_standin
+
 
 SHAPES = ["--dataset", "shapes", "--n-train", "64", "--n-test", "32"]
 TINY = ["--model", "shapes-small", "--width", "16", "--depth", "2", "--heads", "2", "--mlp-dim", "32"]
@@ -29,9 +28,7 @@ def data_dir(tmp_path_factory):
 def device_flag(request, monkeypatch):
     """--device cpu, or --device gpu with NumPy standing in for CuPy (its kernel calls recorded in .calls)."""
     if request.param == "gpu":
-        fake = NumpyAsCupy()
-        monkeypatch.setitem(sys.modules, "cupy", fake)
-        monkeypatch.setattr(backend, "_gpu_kernels", {})
+        fake = install_standin(monkeypatch)
         return ["--device", "gpu"], fake
     return ["--device", "cpu"], None
 

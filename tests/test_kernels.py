@@ -8,7 +8,6 @@ standing in for CuPy (tests/fake_cupy.py); where CuPy and a GPU are present, the
 must match NumPy.
 """
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -24,8 +23,8 @@ from minivit.model import init_params, vit_backward, vit_forward
 from minivit.optim import optimizer_init, optimizer_step
 from minivit.tree import flatten, tree_map
 
-from conftest import CUPY, requires_gpu
-from fake_cupy import NumpyAsCupy, run_gpu_source
+from conftest import CUPY, install_standin, requires_gpu
+from fake_cupy import run_gpu_source
 
 C = math.sqrt(2 / math.pi)
 DTYPES = [np.float32, np.float64]
@@ -359,9 +358,7 @@ def test_gpu_path_on_the_cpu_matches_the_cpu_path(monkeypatch):
                          *params.values()])
 
     expected = train_step_and_predict("cpu")
-    fake = NumpyAsCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_gpu_kernels", {})
+    fake = install_standin(monkeypatch)
     got = train_step_and_predict("gpu")
     assert set(fake.calls) == set(backend._GPU_SOURCES)                     # every kernel ran
     for g, e in zip(got, expected):

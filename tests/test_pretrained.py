@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from minivit.backend import to_device, to_numpy
+from minivit.backend import get_backend, to_device, to_numpy
 from minivit.config import CONFIGS, count_params
 from minivit.finetune import new_head, resize_model
 from minivit.inference import read_labels
@@ -24,7 +24,6 @@ from minivit.pretrained import (CheckpointError, Loaded, checkpoint_format, expo
 from minivit.resample import resample_pos_embed
 from minivit.tree import flatten
 
-from conftest import CUPY
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures in the original layout, written from the documented shapes
@@ -590,7 +589,7 @@ def test_load_pretrained_dispatches_on_content(tmp_path):
 
 
 def test_resize_for_image_size(tmp_path, device):
-    xp = np if device == "cpu" else CUPY
+    xp = get_backend(device)
     params, cfg = load_npz(save(tmp_path, flax_checkpoint()))
     params = to_device(params, device)
     same, cfg_same = resize_model(params, cfg, 6)

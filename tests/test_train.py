@@ -1,13 +1,11 @@
 """The training loop: overfitting, exact resume (also after Ctrl-C mid-epoch), NaN and checkpoint errors."""
 import os
 import signal
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-import minivit.backend as backend
 from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minivit.config import get_config
 from minivit.data.dataset import Dataset
@@ -15,7 +13,8 @@ from minivit.model import init_params
 from minivit.train import TrainConfig, TrainingError, TrainingInterrupted, train
 from minivit.tree import flatten
 
-from fake_cupy import NumpyAsCupy
+from conftest import install_standin
+
 
 
 def tiny_data(n=32, k=4, seed=0, size=8):
@@ -156,9 +155,7 @@ def test_gpu_training_and_resume_run_with_numpy_standing_in_for_cupy(tmp_path, m
     training as on the CPU, up to the kernels' rounding."""
     kw = dict(model_overrides={"dropout": 0.1, "drop_path": 0.1}, crop_pad=1, augment="default", flip=True)
     cpu = train(tiny_config(tmp_path / "cpu", **kw), data=tiny_data(n=40), progress=False, log=None)
-    fake = NumpyAsCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(backend, "_gpu_kernels", {})
+    fake = install_standin(monkeypatch)
     part = train(tiny_config(tmp_path / "gpu", device="gpu", max_steps=7, **kw), data=tiny_data(n=40),
                  progress=False, log=None)
     gpu = train(None, resume=part.run_dir, data=tiny_data(n=40), progress=False, log=None)
