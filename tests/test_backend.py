@@ -66,19 +66,29 @@ def test_set_threads_validates_and_sets(monkeypatch):
 
 
 def test_every_array_routine_the_package_calls_exists_in_cupy():
-    """Every `xp.name` (and `xp.a.b`) in the package's source is an attribute of CuPy too, so the one code path
-    runs on both: checked by reading the source, no GPU needed (skips without CuPy)."""
+    """Every routine the package takes from its array module (`xp.name`, `xp.a.b`, `self.xp.name`,
+    `get_xp(x).name`) is an attribute of CuPy too, so the one code path runs on both: checked by reading the
+    source, no GPU needed (skips without CuPy). Names only: not their signatures."""
     cupy = pytest.importorskip("cupy")
     calls = {}
     for path in sorted(pathlib.Path(__file__).parents[1].joinpath("minivit").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            parts = []
-            while isinstance(node, ast.Attribute):       # xp.cuda.Device -> ["Device", "cuda"], then Name xp
-                parts.append(node.attr)
-                node = node.value
-            if parts and isinstance(node, ast.Name) and node.id == "xp":
-                calls.setdefault(".".join(reversed(parts)), path.name)
-    assert {"matmul", "tanh", "exp", "empty_like"} <= set(calls)     # the scan found the layers' calls
+            parts, base = [], node
+            while isinstance(base, ast.Attribute):           # self.xp.cuda.Device -> ["xp", "cuda", "Device"]
+                parts.insert(0, base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id == "xp":
+                name = parts
+            elif isinstance(base, ast.Call) and getattr(base.func, "id", None) == "get_xp":
+                name = parts
+            elif "xp" in parts:
+                name = parts[parts.index("xp") + 1:]
+            else:
+                continue
+            if name:
+                calls.setdefault(".".join(name), path.name)
+    assert {"matmul", "tanh", "exp", "empty_like", "multiply", "get_default_memory_pool", "cuda.using_allocator"} \
+        <= set(calls)                                        # the scan finds the layers' and the bench's calls
 
     def has(module, dotted):
         for part in dotted.split("."):
