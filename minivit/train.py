@@ -286,6 +286,10 @@ class TrainResult:
     seconds: float
 
 
+# the meta entries a training checkpoint gets from the loop and save_checkpoint (the rest is carried over on resume)
+_TRAINING_META = ("format", "version", "model", "extra_params", "task", "train", "progress", "data", "metrics")
+
+
 def _default_run_dir(tc):
     name = tc.dataset.replace("folder:", "folder-").replace(os.sep, "_").strip("_")
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -340,19 +344,25 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
             saved.epochs = tc.epochs
         if tc is not None and tc.device:
             saved.device = tc.device
-        saved.max_steps = tc.max_steps if tc is not None else 0   # a resumed run goes on to the end by default
+        saved.max_steps = (tc.max_steps or 0) if tc is not None else 0   # a resumed run goes on to the end by default
+        saved.out = str(ckpt.parent)          # and on in the folder it is resumed from (which may have been moved)
         if task is None and meta.get("task") == "mpp":             # a masked patch prediction run goes on as one
             from minivit.mpp import task_from_meta
             task = task_from_meta(meta)
             meta_extra = dict(meta_extra or {}, mpp=meta["mpp"])
+        # what a checkpoint's meta holds beyond the training state (e.g. finetuned_from) goes on into the new ones
+        meta_extra = dict({k: v for k, v in meta.items() if k not in _TRAINING_META}, **(meta_extra or {}))
         tc = saved
         start = meta["progress"]
         best = meta.get("metrics", {}).get("best_accuracy", -1.0)
+        resumed_from = {"path": str(ckpt), "step": start["step"]}
         run_dir = ckpt.parent
         log_path = run_dir / "log.jsonl"
-        if log_path.exists():
+        if log_path.exists():   # the log as it was at the checkpoint (a later line, e.g. of a crash, is dropped)
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             history = [h for h in history if h.get("step", 0) <= start["step"]]
+            from minivit.fileio import atomic_write_text
+            atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
     task = task or ClassificationTask()
     tc = resolve_defaults(tc or TrainConfig())
     device = resolve_device(tc.device)
@@ -395,7 +405,8 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         raise ValueError(f"the training split has {n} images, fewer than one batch of {tc.batch_size}")
     total_steps = tc.epochs * steps_per_epoch
     warmup = tc.warmup_steps if tc.warmup_steps is not None else int(0.05 * total_steps)
-    run_dir = Path(tc.out) if tc.out else (run_dir if resume is not None else _default_run_dir(tc))
+    if resume is None:
+        run_dir = Path(tc.out) if tc.out else _default_run_dir(tc)
     run_dir.mkdir(parents=True, exist_ok=True)
     from minivit.fileio import atomic_write_json
     atomic_write_json(run_dir / "config.json", {"train": tc.to_dict(), "model": cfg.to_dict(), "data": data_meta})
@@ -404,7 +415,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         log_path.unlink()
 
     step, epoch, batch = start["step"], start["epoch"], start["batch"]
-    last_good = {"path": None, "step": None}
+    last_good = resumed_from if resume is not None else {"path": None, "step": None}
 
     def save(name, metrics=None):
         meta = {"task": task.name, "train": tc.to_dict(), "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed},

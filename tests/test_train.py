@@ -1,5 +1,7 @@
 """The training loop: overfitting, exact resume (also after Ctrl-C mid-epoch), NaN and checkpoint errors."""
+import json
 import os
+import shutil
 import signal
 import zipfile
 
@@ -87,6 +89,35 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
         train(tiny_config(tmp_path), data=tiny_data(), progress=False, log=None, on_step=poison)
     params, _, _ = load_checkpoint(tmp_path / "run" / "last.npz")   # the saved checkpoint is intact
     assert np.isfinite(params["head"]["w"]).all()
+
+
+
+def test_resume_goes_on_in_its_folder_keeps_its_meta_and_names_its_checkpoint(tmp_path):
+    """A resumed run writes into the folder it is resumed from (here moved since), keeps what its checkpoints'
+    meta carried (e.g. finetuned_from), cuts the log back to the checkpoint it starts from, and a non-finite loss
+    after the resume names that checkpoint as the last good one."""
+    part = train(tiny_config(tmp_path / "a", epochs=3, max_steps=7), data=tiny_data(), progress=False, log=None,
+                 meta_extra={"finetuned_from": "base.npz"})
+    moved = tmp_path / "moved"
+    part.run_dir.rename(moved)
+    shutil.copy(moved / "last.npz", moved / "update7.npz")
+    resumed = train(None, resume=moved, data=tiny_data(), progress=False, log=None)
+    assert resumed.run_dir == moved and not (tmp_path / "a" / "run").exists()
+    _, _, meta = load_checkpoint(moved / "last.npz")
+    assert meta["progress"]["step"] == 12 and meta["finetuned_from"] == "base.npz"
+    assert meta["train"]["out"] == str(moved)
+
+    # back to an earlier checkpoint: the log loses its later lines, and does not get them twice
+    train(None, resume=moved / "update7.npz", data=tiny_data(), progress=False, log=None)
+    steps = [json.loads(line)["step"] for line in (moved / "log.jsonl").read_text().splitlines()]
+    assert steps == [4, 7, 8, 12]       # epoch 1, the --max-steps stop inside epoch 2, epoch 2, epoch 3
+
+    def poison(step, loss, params):
+        params["head"]["w"][...] = np.nan
+    cut = train(tiny_config(tmp_path / "b", max_steps=2), data=tiny_data(), progress=False, log=None)
+    with pytest.raises(TrainingError, match=r"loss became nan at update 4 .* last good checkpoint is .*last.npz "
+                                            r"\(update 2\)"):
+        train(None, resume=cut.run_dir, data=tiny_data(), progress=False, log=None, on_step=poison)
 
 
 def test_checkpoint_errors(tmp_path):
