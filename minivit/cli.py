@@ -61,8 +61,7 @@ def _run_training(args, **kw):
     from minivit.train import TrainingInterrupted, train
     _setup_runtime(args)
     try:
-        result = train(_train_config(args) if not args.resume or args.epochs else None, resume=args.resume,
-                       progress=not args.quiet, **kw)
+        result = train(_train_config(args), resume=args.resume, progress=not args.quiet, **kw)
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
@@ -231,8 +230,8 @@ def cmd_pretrain_mpp(args):
     rates = tuple(float(r) for r in args.replace_rates.split(","))
     _setup_runtime(args)
     try:
-        result = run_pretrain_mpp(_train_config(args) if not args.resume or args.epochs else None, args.mask_rate,
-                                  rates, args.colour_bits, resume=args.resume, progress=not args.quiet)
+        result = run_pretrain_mpp(_train_config(args), args.mask_rate, rates, args.colour_bits, resume=args.resume,
+                                  progress=not args.quiet)
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
@@ -336,8 +335,9 @@ def add_optim_args(p, sgd_default=False):
     r.add_argument("--save-every", type=int, default=None, help="also save last.npz every N updates")
     r.add_argument("--out", default=None, help="run folder (default runs/<data set>-<time>)")
     r.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue a run exactly where it stopped (its saved settings are used; --epochs may "
-                        "extend it)")
+                   help="continue a run exactly where it stopped, in its folder, with its saved settings (only "
+                        "--epochs to extend it, --max-steps to stop it early and --device are taken from the "
+                        "command line)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -99,6 +99,20 @@ def test_train_then_every_command_on_its_checkpoint(tmp_path, data_dir, device_f
     assert cfg.image_hw == (48, 48) and params["pos_embed"].shape == (1, 37, 16)
 
 
+def test_resume_takes_epochs_max_steps_and_device_from_the_command_line(tmp_path, data_dir, capsys, monkeypatch):
+    install_standin(monkeypatch)
+    run = tmp_path / "run"
+    status, out, err = cli(capsys, "train", *SHAPES, "--data-dir", data_dir, *TINY, "--epochs", 2, "--max-steps", 3,
+                           "--batch-size", 16, "--quiet", "--out", run, "--device", "gpu")
+    assert status == 0 and "done: 3 updates" in out, err
+    status, out, err = cli(capsys, "train", "--resume", run, "--max-steps", 5, "--device", "cpu", "--quiet")
+    assert status == 0 and "done: 5 updates" in out, err                  # a GPU run goes on on the CPU
+    _, _, meta = load_checkpoint(run / "last.npz")
+    assert meta["train"]["device"] == "cpu" and meta["progress"]["step"] == 5
+    status, out, err = cli(capsys, "train", "--resume", run, "--epochs", 3, "--quiet")
+    assert status == 0 and "done: 12 updates" in out, err                 # 64 images / 16 = 4 updates an epoch
+
+
 def test_pretrain_mpp_then_finetune_from_it(tmp_path, data_dir, device_flag, capsys):
     device, _ = device_flag
     data = [*SHAPES, "--data-dir", data_dir]
