@@ -67,9 +67,13 @@ def _run_training(args, **kw):
         return 130
     last = result.history[-1] if result.history else {}
     print(f"done: {result.steps} updates in {result.seconds:.1f} s; test accuracy {result.test_accuracy:.4f} "
-          f"(best {result.best_accuracy:.4f}); train accuracy {last.get('train_acc', float('nan')):.4f}")
+          f"(best {result.best_accuracy:.4f}); train accuracy {_figure(last.get('train_acc'))}")
     print(f"run folder: {result.run_dir} (last.npz, best.npz, log.jsonl, config.json)")
     return 0
+
+
+def _figure(value):
+    return "-" if value is None else f"{value:.4f}"
 
 
 def cmd_train(args):

@@ -286,6 +286,11 @@ class TrainResult:
     seconds: float
 
 
+def _f4(value):
+    """A log figure: 4 decimals, or '-' where there is none (no update in that stretch of the epoch)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 # the meta entries a training checkpoint gets from the loop and save_checkpoint (the rest is carried over on resume)
 _TRAINING_META = ("format", "version", "model", "extra_params", "task", "train", "progress", "data", "metrics")
 
@@ -411,14 +416,20 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     from minivit.fileio import atomic_write_json
     atomic_write_json(run_dir / "config.json", {"train": tc.to_dict(), "model": cfg.to_dict(), "data": data_meta})
     log_path = run_dir / "log.jsonl"
-    if resume is None and log_path.exists():
-        log_path.unlink()
+    if resume is None:         # a new run in this folder: nothing of an earlier one stays beside its files
+        for name in ("log.jsonl", "best.npz", "last.npz"):
+            (run_dir / name).unlink(missing_ok=True)
 
     step, epoch, batch = start["step"], start["epoch"], start["batch"]
+    # the running sums of the epoch in progress: a run resumed mid-epoch goes on with the saved ones
+    resumed_sums = dict(start.get("epoch_sums") or {}) if batch else {}
+    gnorm = None
     last_good = resumed_from if resume is not None else {"path": None, "step": None}
 
     def save(name, metrics=None):
-        meta = {"task": task.name, "train": tc.to_dict(), "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed},
+        sums = {"seen": int(seen), "correct": int(correct), "counted": int(counted), "loss_sum": float(loss_sum)}
+        meta = {"task": task.name, "train": tc.to_dict(),
+                "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed, "epoch_sums": sums},
                 "data": data_meta, "metrics": dict(metrics or {}, best_accuracy=best)}
         meta.update(meta_extra or {})
         path = run_dir / f"{name}.npz"
@@ -441,8 +452,9 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
             order = np.random.default_rng([tc.seed, 0, epoch]).permutation(n)   # (n,) shuffle of this epoch
             bar = tqdm(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        leave=True, dynamic_ncols=True, disable=not progress) if progress else None
-            seen = correct = counted = 0
-            loss_sum = 0.0
+            seen, correct, counted = (resumed_sums.pop(k, 0) for k in ("seen", "correct", "counted"))
+            loss_sum = float(resumed_sums.pop("loss_sum", 0.0))
+            seen_before = seen                            # images of this epoch before a resume (not timed here)
             t_epoch = time.perf_counter()
             while batch < steps_per_epoch:
                 if stop.requested:
@@ -486,15 +498,17 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / max(counted, 1):.3f}", lr=f"{lr:.2e}",
-                                    img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
+                                    img_s=f"{(seen - seen_before) / (time.perf_counter() - t_epoch):.0f}",
+                                    refresh=False)
             if bar:
                 bar.close()
             finished = batch >= steps_per_epoch
             entry = {"epoch": epoch + 1, "step": step, "lr": lr_at(max(step, 1), tc.lr, total_steps, warmup,
                                                                      tc.schedule, tc.min_lr),
-                     "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(counted, 1),
-                     "grad_norm": float(gnorm) if seen else None,
-                     "images_per_s": seen / max(time.perf_counter() - t_epoch, 1e-9),
+                     "train_loss": loss_sum / seen if seen else None,
+                     "train_acc": correct / counted if counted else None,
+                     "grad_norm": float(gnorm) if gnorm is not None else None,
+                     "images_per_s": (seen - seen_before) / max(time.perf_counter() - t_epoch, 1e-9),
                      "time": time.perf_counter() - t_start}
             last_epoch = epoch + 1 == tc.epochs or (tc.max_steps and step >= tc.max_steps)
             if (epoch + 1) % tc.eval_every == 0 or last_epoch:
@@ -502,7 +516,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                 test_acc = ev["accuracy"]
                 entry.update(test_loss=ev["loss"], test_acc=test_acc)
                 if log:
-                    log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f} | "
+                    log(f"epoch {epoch + 1}: train loss {_f4(entry['train_loss'])} acc {_f4(entry['train_acc'])} | "
                         f"test loss {ev['loss']:.4f} acc {test_acc:.4f} | {entry['images_per_s']:.0f} img/s")
             if finished:
                 epoch, batch = epoch + 1, 0

@@ -73,10 +73,27 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(tmp_path):
     with pytest.raises(TrainingInterrupted, match="resume with: minivit train --resume") as e:
         train(tiny_config(tmp_path / "b"), data=tiny_data(), progress=False, log=None, on_step=interrupt)
     _, _, meta = load_checkpoint(e.value.path)
-    assert meta["progress"] == {"step": 6, "epoch": 1, "batch": 2, "seed": 0}
+    progress = meta["progress"]
+    assert {k: progress[k] for k in ("step", "epoch", "batch", "seed")} == {"step": 6, "epoch": 1, "batch": 2, "seed": 0}
+    assert progress["epoch_sums"]["seen"] == 16                          # the epoch's 2 batches of 8 so far
     resumed = train(None, resume=tmp_path / "b" / "run", data=tiny_data(), progress=False, log=None)
     a, b = final_params(full.run_dir), final_params(resumed.run_dir)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    for key in ("train_loss", "train_acc", "test_acc"):   # the resumed epoch's line covers the whole epoch
+        assert [h[key] for h in resumed.history] == [h[key] for h in full.history]
+
+
+def test_a_new_run_in_a_used_folder_keeps_nothing_of_the_old_one(tmp_path):
+    old = train(tiny_config(tmp_path, model_overrides={"width": 24}), data=tiny_data(), progress=False, log=None)
+
+    def interrupt(step, loss, params):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):        # stopped before its first evaluation: no best.npz of its own
+        train(tiny_config(tmp_path), data=tiny_data(), progress=False, log=None, on_step=interrupt)
+    assert not (old.run_dir / "best.npz").exists() and not (old.run_dir / "log.jsonl").exists()
+    _, cfg, _ = load_checkpoint(old.run_dir / "last.npz")
+    assert cfg.width == 12                          # the new run's
 
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
