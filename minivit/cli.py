@@ -97,6 +97,14 @@ def _load_any(path, device=None):
                                                           "source": str(path)}
 
 
+def _refuse_pretraining_head(meta, path, command):
+    """eval and predict need a trained classification head; a masked patch prediction run has a zero one."""
+    if meta.get("task") == "mpp":
+        raise ValueError(f"{path} is a masked patch prediction checkpoint: its classification head is untrained "
+                         f"(all zeros), so {command} would show chance; fine-tune it first: minivit finetune --from "
+                         f"{path}")
+
+
 def read_npz_keys(path):
     """The entry names of an .npz archive, without reading the arrays."""
     import zipfile
@@ -119,12 +127,17 @@ def cmd_eval(args):
     from minivit.train import dataset_for_checkpoint, evaluate, normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
+    _refuse_pretraining_head(meta, args.checkpoint, "eval")
     params, cfg = _at_image_size(params, cfg, args.image_size, args.resample)
     data_meta = meta.get("data", {})
     ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train, args.n_test)
     name = ds.name
     if ds.num_classes != cfg.num_classes:
         raise ValueError(f"{name} has {ds.num_classes} classes but the checkpoint's head has {cfg.num_classes}")
+    trained_on = data_meta.get("classes")
+    if trained_on and list(trained_on) != list(ds.classes):
+        print(f"warning: {name}'s classes {list(ds.classes)} are not the ones the checkpoint was trained on "
+              f"({trained_on}); class k of the data is scored as the model's class k", file=sys.stderr)
     ev = evaluate(params, cfg, ds.test_images, ds.test_labels, normalizer_from_meta(data_meta), args.batch_size)
     conf = ev["confusion"]
     print(f"{args.checkpoint} on {name} test split ({len(ds.test_labels)} images, {cfg.image_hw[0]}x"
@@ -148,6 +161,7 @@ def cmd_predict(args):
     from minivit.train import normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
+    _refuse_pretraining_head(meta, args.checkpoint, "predict")
     params, cfg = _at_image_size(params, cfg, args.image_size, args.resample)
     data_meta = meta.get("data", {})
     classes = data_meta.get("classes")
@@ -183,10 +197,11 @@ def cmd_finetune(args):
     num_classes = args.num_classes or ds.num_classes
     if num_classes != ds.num_classes:
         raise ValueError(f"--num-classes {num_classes} but {args.dataset} has {ds.num_classes} classes")
+    new_head = args.new_head or meta.get("task") == "mpp" or num_classes != cfg.num_classes
     params, cfg = prepare_finetune(params, cfg, size, num_classes, args.resample, args.new_head, args.seed or 0)
     print(f"fine-tuning {args.from_} at {size}x{size} (grid {cfg.grid[0]}x{cfg.grid[1]}, position embeddings "
           f"{'re-initialized' if args.resample == 'none' else 'resampled ' + args.resample}), "
-          f"{'new zero head, ' if args.new_head or num_classes != meta.get('model', {}).get('num_classes') else ''}"
+          f"{'new zero head, ' if new_head else ''}"
           f"{'backbone frozen' if args.freeze_backbone else 'all weights trained'}")
     return _run_training(args, params=params, cfg=cfg, data=ds,
                          meta_extra={"finetuned_from": str(args.from_), "resample": args.resample})

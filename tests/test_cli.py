@@ -120,11 +120,30 @@ def test_pretrain_mpp_then_finetune_from_it(tmp_path, data_dir, device_flag, cap
                            "--out", tmp_path / "mpp", *device)
     assert status == 0, err
     assert "colour accuracy on corrupted test patches" in out
+    status, out, err = cli(capsys, "eval", tmp_path / "mpp" / "last.npz", *data, *device)
+    assert status == 2 and "masked patch prediction checkpoint: its classification head is untrained" in err
     status, out, err = cli(capsys, "finetune", "--from", tmp_path / "mpp" / "last.npz", *data, "--max-steps", 2,
                            "--batch-size", 16, "--quiet", "--out", tmp_path / "ft", *device)
     assert status == 0, err
+    assert "new zero head" in out
     params, cfg, _ = load_checkpoint(tmp_path / "ft" / "last.npz")
     assert cfg.num_classes == 10 and params["head"]["w"].shape == (16, 10)
+
+
+def test_eval_warns_when_the_data_name_other_classes(tmp_path, data_dir, capsys):
+    status, out, err = cli(capsys, "train", *SHAPES, "--data-dir", data_dir, *TINY, "--max-steps", 1,
+                           "--batch-size", 16, "--quiet", "--out", tmp_path / "run")
+    assert status == 0, err
+    rng = np.random.default_rng(0)
+    for k in range(10):                                # a folder data set with 10 classes of other names
+        (tmp_path / "photos" / f"kind{k}").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos" /
+                                                                                    f"kind{k}" / f"{i}.png")
+    status, out, err = cli(capsys, "eval", tmp_path / "run" / "last.npz", "--dataset", f"folder:{tmp_path / 'photos'}")
+    assert status == 0, err
+    assert err.startswith("warning: ") and "are not the ones the checkpoint was trained on" in err
+    assert "'kind0'" in err and "'disc'" in err
 
 
 def test_gradcheck_command(capsys):
