@@ -20,6 +20,7 @@ Prints a table (mean and standard deviation over seeds of test accuracy and wall
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -80,8 +81,9 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--base-epochs", type=int, default=4)
     ap.add_argument("--extra-steps", type=int, default=150)
-    ap.add_argument("--out", default="runs/finetune-resolution")
+    ap.add_argument("--out", default=None, help="default: runs/finetune-resolution (--quick: ...-quick)")
     args = ap.parse_args(argv)
+    args.out = args.out or ("runs/finetune-resolution-quick" if args.quick else "runs/finetune-resolution")
     if args.quick:
         rows = run(seeds=(0,), n_train=512, n_test=256, base_epochs=1, extra_steps=4, out=args.out)
     else:
@@ -95,4 +97,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as e:      # bad input: one line that names it, as the CLI does
+        sys.exit(f"{Path(__file__).name}: error: {e}")

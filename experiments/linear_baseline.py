@@ -8,7 +8,9 @@ what "easy for a linear model" looks like.
     python experiments/linear_baseline.py [--dataset shapes] [--image-size 32] [--l2 1024]
 """
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -43,4 +45,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as e:      # bad input: one line that names it, as the CLI does
+        sys.exit(f"{Path(__file__).name}: error: {e}")

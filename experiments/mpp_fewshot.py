@@ -21,6 +21,7 @@ the patch tokens' outputs and never the class token's).
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -164,4 +165,7 @@ def summarize(rows):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as e:      # bad input: one line that names it, as the CLI does
+        sys.exit(f"{Path(__file__).name}: error: {e}")

@@ -59,7 +59,8 @@ def import_cupy():
         raise DeviceError(
             "the GPU backend needs CuPy, which is not installed "
             f"({e}). Install the extra that matches your CUDA: pip install 'minivit[cuda12]' "
-            "(or 'minivit[cuda13]'), or run with --device cpu.") from None
+            "(or 'minivit[cuda13]'; in a source checkout: pip install -e '.[cuda12]'), or run with --device cpu."
+        ) from None
     try:
         ok = cupy.is_available()
         if ok:

@@ -4,6 +4,7 @@ Each command is a small function that parses nothing itself: `build_parser` decl
 and the command functions call the package. Model code never prints; this module does.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -105,6 +106,12 @@ def _refuse_pretraining_head(meta, path, command):
                          f"{path}")
 
 
+def _check_channels(ds, cfg):
+    if ds.image_shape[2] != cfg.channels:
+        raise ValueError(f"{ds.name} has {ds.image_shape[2]} channel(s) but the checkpoint's model expects "
+                         f"{cfg.channels}")
+
+
 def read_npz_keys(path):
     """The entry names of an .npz archive, without reading the arrays."""
     import zipfile
@@ -132,6 +139,7 @@ def cmd_eval(args):
     data_meta = meta.get("data", {})
     ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train, args.n_test)
     name = ds.name
+    _check_channels(ds, cfg)
     if ds.num_classes != cfg.num_classes:
         raise ValueError(f"{name} has {ds.num_classes} classes but the checkpoint's head has {cfg.num_classes}")
     trained_on = data_meta.get("classes")
@@ -223,6 +231,7 @@ def cmd_inspect(args):
         from minivit.train import dataset_for_checkpoint
         ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train,
                                     args.n_test)
+        _check_channels(ds, cfg)
         images = ds.test_images[:args.num_images]
         source = f"the first {len(images)} test images of {ds.name}"
     analyses = ANALYSES if not args.only else [a.strip() for a in args.only.split(",")]
@@ -268,6 +277,7 @@ def cmd_fewshot(args):
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     data_meta = meta.get("data", {})
     ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train, args.n_test)
+    _check_channels(ds, cfg)
     shots = tuple(int(s) for s in args.shots.split(","))
     rows = fewshot_model(params, cfg, ds, normalizer_from_meta(data_meta), shots, tuple(range(args.seeds)),
                          args.l2, args.batch_size, args.representation)
@@ -360,10 +370,20 @@ def add_optim_args(p, sgd_default=False):
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None: a per-data-set default, or
+    one the flag's own help already states)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="minivit", description="The Vision Transformer from scratch in NumPy/CuPy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -371,7 +391,7 @@ def build_parser():
                        description="Whole-model gradient check in float64: central differences against the "
                                    "hand-written backward pass, one row per parameter tensor and for the input "
                                    "images. Exits with status 1 if any tensor fails.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--config", default="test", help="named model config (small ones only: every check is a "
                                                     "pair of forward passes per coordinate)")
     p.add_argument("--pooling", choices=["token", "gap"], default="token")
@@ -385,13 +405,14 @@ def build_parser():
                    help="array backend (default: $MINIVIT_DEVICE or cpu)")
     p.set_defaults(func=cmd_gradcheck)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = sub.add_parser("train", help="train a ViT (default: the embedded shapes data set, a few minutes on a CPU)",
                        description="Train a ViT with AdamW, warmup + cosine decay, label smoothing and clipping. "
                                    "Progress bars per epoch, test evaluation every epoch, run folder with "
                                    "config.json, log.jsonl (one JSON line per epoch), last.npz and best.npz "
                                    "(written atomically). Ctrl-C saves last.npz and exits; --resume RUN_DIR "
-                                   "continues exactly (bit-identical on the CPU with the same --threads).")
+                                   "continues exactly (bit-identical on the CPU with the same --threads).",
+                       formatter_class=fmt)
     add_data_args(p)
     add_model_args(p)
     add_optim_args(p)
@@ -433,7 +454,8 @@ def build_parser():
                                    "zero-initialized one when the classes change (or with --new-head), and "
                                    "fine-tune. Defaults follow the paper: SGD with momentum 0.9, no weight "
                                    "decay, clipping at global norm 1, warmup then cosine decay, lr 0.01, a short "
-                                   "schedule (3 epochs); every one can be overridden.")
+                                   "schedule (3 epochs); every one can be overridden.",
+                       formatter_class=fmt)
     p.add_argument("--from", dest="from_", default=None, metavar="CHECKPOINT", help="weights to start from")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the new task (default: the data's)")
     p.add_argument("--new-head", action="store_true", help="replace the head even when the classes match")
@@ -467,12 +489,13 @@ def build_parser():
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("pretrain-mpp", help="self-supervised masked patch prediction pre-training",
-                       description="Masked patch prediction (the paper's section 4.6): corrupt 50%% of the patch "
-                                   "embeddings (80%% a learned [mask] embedding, 10%% another patch's, 10%% kept) "
+                       description="Masked patch prediction (the paper's section 4.6): corrupt 50% of the patch "
+                                   "embeddings (80% a learned [mask] embedding, 10% another patch's, 10% kept) "
                                    "and predict each corrupted patch's 3-bit mean colour (512 classes) from its "
                                    "final representation. Same loop as `train` (progress bars, log, atomic "
                                    "checkpoints, --resume). `minivit finetune --from RUN/last.npz` fine-tunes "
-                                   "the result (the prediction head dropped, a zero classification head added).")
+                                   "the result (the prediction head dropped, a zero classification head added).",
+                       formatter_class=fmt)
     p.add_argument("--mask-rate", type=float, default=0.5, help="share of patches corrupted")
     p.add_argument("--replace-rates", default="0.8,0.1,0.1",
                    help="of the corrupted: mask embedding, random other patch, unchanged")
@@ -529,6 +552,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                # the reader of our output went away (e.g. `| head`): stop quietly
+        try:                               # (stdout to /dev/null: no second error when Python flushes it at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):      # stdout without a file descriptor (captured, e.g. under pytest)
+            pass
+        return 141                         # 128 + SIGPIPE, as a shell tool that is cut off reports
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"minivit {args.command}: error: {e}", file=sys.stderr)
         return 2

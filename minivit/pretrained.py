@@ -432,6 +432,8 @@ def _bf16_to_f32(u16):
 def _open_npz(path):
     """np.load(path, allow_pickle=False) as an NpzFile, else CheckpointError naming the file."""
     path = _check_file(path)
+    if not zipfile.is_zipfile(path):   # (np.load would try it as a pickle and say so, which misleads)
+        raise CheckpointError(f"{path}: not an .npz archive (not a zip file: truncated, or another format)", path)
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

@@ -156,10 +156,14 @@ def load_data(tc, image_size, progress=True):
 
 def dataset_for_checkpoint(data_meta, dataset=None, data_dir=None, image_size=None, n_train=None, n_test=None):
     """The Dataset to evaluate a checkpoint on: `dataset`, else the one its `data` meta names (else shapes), at
-    `image_size`; shapes with n_train / n_test images (default 20000 / 2000, the training default)."""
+    `image_size`; shapes with n_train / n_test images (default: the checkpoint's own draw, else 20000 / 2000, the
+    training default)."""
     from minivit.data import load_dataset
-    name = dataset or (data_meta or {}).get("dataset") or "shapes"
-    opts = {"n_train": n_train or 20000, "n_test": n_test or 2000} if name == "shapes" else {}
+    data_meta = data_meta or {}
+    name = dataset or data_meta.get("dataset") or "shapes"
+    own = data_meta.get("dataset") == "shapes"
+    opts = {"n_train": n_train or (own and data_meta.get("n_train")) or 20000,
+            "n_test": n_test or (own and data_meta.get("n_test")) or 2000} if name == "shapes" else {}
     return load_dataset(name, data_dir=data_dir, image_size=image_size, **opts)
 
 
@@ -402,6 +406,8 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     opt_state = state_from_flat(opt_flat, trainable) if opt_flat else optimizer_init(trainable, tc.optimizer)
     normalize_fn, data_meta = data_normalizer(tc, ds)
     data_meta.update({"dataset": ds.name, "classes": list(ds.classes), "image_size": list(cfg.image_hw)})
+    if ds.name == "shapes":    # its size is a choice: eval, inspect and fewshot draw the same split by default
+        data_meta.update(n_train=len(ds.train_images), n_test=len(ds.test_images))
     aug = make_augment(tc)
 
     n = len(ds.train_images)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import minivit.cli
 from minivit.checkpoint import load_checkpoint
 from minivit.cli import main
 
@@ -61,7 +62,7 @@ def test_train_then_every_command_on_its_checkpoint(tmp_path, data_dir, device_f
     _, cfg, meta = load_checkpoint(ckpt)
     assert meta["progress"]["step"] == 4 and cfg.width == 16
 
-    status, out, err = cli(capsys, "eval", ckpt, *data, *device)
+    status, out, err = cli(capsys, "eval", ckpt, "--data-dir", data_dir, *device)   # the run's own shapes draw
     assert status == 0, err
     assert f"{ckpt} on shapes test split (32 images, 32x32): accuracy" in out
     assert sum(line.split()[0] in meta["data"]["classes"] for line in out.splitlines()[3:]) == 10
@@ -156,6 +157,8 @@ def test_bad_input_is_one_line_that_names_it(tmp_path, data_dir, capsys):
     """Exit status 2 and `minivit COMMAND: error: ...` naming the file or value; no traceback."""
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
+    not_an_npz = tmp_path / "weights.npz"
+    not_an_npz.write_text("not an archive")
     cases = [
         (["eval", tmp_path / "nothere.npz"], "no such checkpoint file"),
         (["finetune", "--image-size", 48], "finetune needs --from CHECKPOINT"),
@@ -169,7 +172,9 @@ def test_bad_input_is_one_line_that_names_it(tmp_path, data_dir, capsys):
     cases += [
         (["predict", ckpt, tmp_path / "nothere.png"], "nothere.png does not exist"),
         (["predict", ckpt, not_an_image], f"cannot read image {not_an_image}"),
-        (["eval", ckpt, "--dataset", "mnist", "--data-dir", tmp_path / "empty"], "mnist is not available"),
+        (["eval", ckpt, "--dataset", "mnist", "--data-dir", tmp_path / "empty"],
+         f"mnist is not available: {tmp_path / 'empty' / 'mnist'} lacks train-images-idx3-ubyte.gz"),
+        (["eval", not_an_npz], f"{not_an_npz}: not an .npz archive (not a zip file"),
     ]
     for argv, message in cases:
         status, out, err = cli(capsys, *argv)
@@ -177,3 +182,12 @@ def test_bad_input_is_one_line_that_names_it(tmp_path, data_dir, capsys):
         assert status == 2, (argv, out, err)
         assert err.startswith(f"minivit {command}: error: ") and message in err, (argv, err)
         assert "Traceback" not in err
+    assert f"minivit download mnist --data-dir {tmp_path / 'empty'}" in cli(
+        capsys, "eval", ckpt, "--dataset", "mnist", "--data-dir", tmp_path / "empty")[2]
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    def cut_off(args):
+        raise BrokenPipeError(32, "Broken pipe")            # what print() raises once `| head` has exited
+    monkeypatch.setattr(minivit.cli, "cmd_gradcheck", cut_off)
+    assert cli(capsys, "gradcheck") == (141, "", "")

@@ -121,8 +121,10 @@ class MissingDatasetError(FileNotFoundError):
 
 def missing_message(name, folder, missing):
     """The error text for a data set that is not (fully) on disk: what is missing and the command to fetch it."""
+    folder = Path(folder)
+    where = "" if folder.parent.resolve() == Path(default_data_dir()).resolve() else f" --data-dir {folder.parent}"
     return (f"{name} is not available: {folder} lacks {', '.join(missing)}.\n"
-            f"Fetch it with:\n    minivit download {name}\n"
+            f"Fetch it with:\n    minivit download {name}{where}\n"
             f"(add --data-dir DIR to keep data sets elsewhere, and pass the same --data-dir when you train; "
             f"the default folder is {default_data_dir()}, or $MINIVIT_DATA)")
 
