@@ -156,11 +156,13 @@ def load_data(tc, image_size, progress=True):
 
 def dataset_for_checkpoint(data_meta, dataset=None, data_dir=None, image_size=None, n_train=None, n_test=None):
     """The Dataset to evaluate a checkpoint on: `dataset`, else the one its `data` meta names (else shapes), at
-    `image_size`; shapes with n_train / n_test images (default: the checkpoint's own draw, else 20000 / 2000, the
-    training default)."""
+    `image_size`, from `data_dir` (default: where the checkpoint's training read it); shapes with n_train / n_test
+    images (default: the checkpoint's own draw, else 20000 / 2000, the training default)."""
     from minivit.data import load_dataset
     data_meta = data_meta or {}
     name = dataset or data_meta.get("dataset") or "shapes"
+    if name == data_meta.get("dataset"):
+        data_dir = data_dir or data_meta.get("data_dir")
     own = data_meta.get("dataset") == "shapes"
     opts = {"n_train": n_train or (own and data_meta.get("n_train")) or 20000,
             "n_test": n_test or (own and data_meta.get("n_test")) or 2000} if name == "shapes" else {}
@@ -408,6 +410,8 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     data_meta.update({"dataset": ds.name, "classes": list(ds.classes), "image_size": list(cfg.image_hw)})
     if ds.name == "shapes":    # its size is a choice: eval, inspect and fewshot draw the same split by default
         data_meta.update(n_train=len(ds.train_images), n_test=len(ds.test_images))
+    if tc.data_dir:            # and they read the data from where training did, unless told otherwise
+        data_meta["data_dir"] = str(Path(tc.data_dir).resolve())
     aug = make_augment(tc)
 
     n = len(ds.train_images)

@@ -62,7 +62,7 @@ def test_train_then_every_command_on_its_checkpoint(tmp_path, data_dir, device_f
     _, cfg, meta = load_checkpoint(ckpt)
     assert meta["progress"]["step"] == 4 and cfg.width == 16
 
-    status, out, err = cli(capsys, "eval", ckpt, "--data-dir", data_dir, *device)   # the run's own shapes draw
+    status, out, err = cli(capsys, "eval", ckpt, *device)   # the run's own shapes draw, from where it read it
     assert status == 0, err
     assert f"{ckpt} on shapes test split (32 images, 32x32): accuracy" in out
     assert sum(line.split()[0] in meta["data"]["classes"] for line in out.splitlines()[3:]) == 10
