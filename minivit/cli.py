@@ -190,6 +190,10 @@ def cmd_finetune(args):
         return _run_training(args)
     if not args.from_:
         raise ValueError("finetune needs --from CHECKPOINT (or --resume RUN_DIR)")
+    from pathlib import Path
+    if args.out and Path(args.out).resolve() == Path(args.from_).resolve().parent:
+        raise ValueError(f"--out {args.out} is the folder of the checkpoint to fine-tune from: the fine-tuning run "
+                         f"would replace it; choose another --out")
     params, cfg, meta = _load_any(args.from_)
     data_meta = meta.get("data", {})
     if args.dataset is None:
@@ -199,9 +203,13 @@ def cmd_finetune(args):
             setattr(args, k, v)
     if args.normalize is None and data_meta.get("normalize"):
         args.normalize = data_meta["normalize"]
-    from minivit.train import dataset_for_checkpoint
+    from minivit.train import dataset_for_checkpoint, recorded_data_dir
     size = args.image_size or cfg.image_hw[0]
     ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, size, args.n_train, args.n_test)
+    # the run records the data it really read (its resume and eval read them again)
+    args.data_dir = args.data_dir or recorded_data_dir(data_meta, args.dataset)
+    if ds.name == "shapes":
+        args.n_train, args.n_test = len(ds.train_images), len(ds.test_images)
     num_classes = args.num_classes or ds.num_classes
     if num_classes != ds.num_classes:
         raise ValueError(f"--num-classes {num_classes} but {args.dataset} has {ds.num_classes} classes")

@@ -99,7 +99,7 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def to_dict(self):
-        return asdict(self)
+        return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d):
@@ -161,12 +161,19 @@ def dataset_for_checkpoint(data_meta, dataset=None, data_dir=None, image_size=No
     from minivit.data import load_dataset
     data_meta = data_meta or {}
     name = dataset or data_meta.get("dataset") or "shapes"
-    if name == data_meta.get("dataset"):
-        data_dir = data_dir or data_meta.get("data_dir")
+    data_dir = data_dir or recorded_data_dir(data_meta, name)
     own = data_meta.get("dataset") == "shapes"
     opts = {"n_train": n_train or (own and data_meta.get("n_train")) or 20000,
             "n_test": n_test or (own and data_meta.get("n_test")) or 2000} if name == "shapes" else {}
     return load_dataset(name, data_dir=data_dir, image_size=image_size, **opts)
+
+
+def recorded_data_dir(data_meta, name):
+    """The data folder a checkpoint's training read data set `name` from, if it recorded one and it exists here."""
+    from minivit.data import _canonical
+    recorded = (data_meta or {}).get("data_dir")
+    same = _canonical(name) == _canonical((data_meta or {}).get("dataset") or "")
+    return recorded if same and recorded and Path(recorded).is_dir() else None
 
 
 def data_normalizer(tc, ds):
@@ -292,6 +299,15 @@ class TrainResult:
     seconds: float
 
 
+def _checkpoint_step(path):
+    """The update count a checkpoint was saved at (its meta alone is read), or -1 if unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return int(json.loads(str(f["meta"]))["progress"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def _f4(value):
     """A log figure: 4 decimals, or '-' where there is none (no update in that stretch of the epoch)."""
     return "-" if value is None else f"{value:.4f}"
@@ -356,7 +372,13 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         if tc is not None and tc.device:
             saved.device = tc.device
         saved.max_steps = (tc.max_steps or 0) if tc is not None else 0   # a resumed run goes on to the end by default
-        saved.out = str(ckpt.parent)          # and on in the folder it is resumed from (which may have been moved)
+        saved.out = str(ckpt.parent.resolve())   # and on in the folder it is resumed from (it may have moved)
+        saved_data = meta.get("data", {})     # the data it read (older runs and fine-tunes left these to defaults)
+        if not (saved.data_dir and Path(saved.data_dir).is_absolute()):
+            saved.data_dir = recorded_data_dir(saved_data, saved.dataset) or saved.data_dir
+        if saved.dataset == "shapes":
+            saved.n_train = saved.n_train or saved_data.get("n_train")
+            saved.n_test = saved.n_test or saved_data.get("n_test")
         if task is None and meta.get("task") == "mpp":             # a masked patch prediction run goes on as one
             from minivit.mpp import task_from_meta
             task = task_from_meta(meta)
@@ -372,10 +394,10 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         if log_path.exists():   # the log as it was at the checkpoint (a later line, e.g. of a crash, is dropped)
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             history = [h for h in history if h.get("step", 0) <= start["step"]]
-            from minivit.fileio import atomic_write_text
-            atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
     task = task or ClassificationTask()
     tc = resolve_defaults(tc or TrainConfig())
+    if tc.data_dir:            # recorded as an absolute path: a resume from another folder reads the same data
+        tc.data_dir = str(Path(tc.data_dir).resolve())
     device = resolve_device(tc.device)
     xp = get_backend(device)
     if resume is not None:     # onto the run's device: the saved one, or the one asked for now
@@ -411,7 +433,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     if ds.name == "shapes":    # its size is a choice: eval, inspect and fewshot draw the same split by default
         data_meta.update(n_train=len(ds.train_images), n_test=len(ds.test_images))
     if tc.data_dir:            # and they read the data from where training did, unless told otherwise
-        data_meta["data_dir"] = str(Path(tc.data_dir).resolve())
+        data_meta["data_dir"] = tc.data_dir
     aug = make_augment(tc)
 
     n = len(ds.train_images)
@@ -426,9 +448,24 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     from minivit.fileio import atomic_write_json
     atomic_write_json(run_dir / "config.json", {"train": tc.to_dict(), "model": cfg.to_dict(), "data": data_meta})
     log_path = run_dir / "log.jsonl"
-    if resume is None:         # a new run in this folder: nothing of an earlier one stays beside its files
-        for name in ("log.jsonl", "best.npz", "last.npz"):
-            (run_dir / name).unlink(missing_ok=True)
+    first_write = [True]
+
+    def clear_what_is_not_this_run():
+        """Before this run writes its first file (not before: a run that fails at once destroys nothing): a new
+        run removes an earlier run's log and checkpoints from the folder; a resume from an earlier checkpoint cuts
+        the log back to it and removes a best.npz from the abandoned updates after it."""
+        if not first_write[0]:
+            return
+        first_write[0] = False
+        if resume is None:
+            for name in ("log.jsonl", "best.npz", "last.npz"):
+                (run_dir / name).unlink(missing_ok=True)
+            return
+        from minivit.fileio import atomic_write_text
+        atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+        best_path = run_dir / "best.npz"
+        if best_path.exists() and _checkpoint_step(best_path) > start["step"]:
+            best_path.unlink()
 
     step, epoch, batch = start["step"], start["epoch"], start["batch"]
     # the running sums of the epoch in progress: a run resumed mid-epoch goes on with the saved ones
@@ -437,6 +474,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     last_good = resumed_from if resume is not None else {"path": None, "step": None}
 
     def save(name, metrics=None):
+        clear_what_is_not_this_run()
         sums = {"seen": int(seen), "correct": int(correct), "counted": int(counted), "loss_sum": float(loss_sum)}
         meta = {"task": task.name, "train": tc.to_dict(),
                 "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed, "epoch_sums": sums},
@@ -449,6 +487,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
         return path
 
     def record(entry):
+        clear_what_is_not_this_run()
         history.append(entry)
         with open(log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -465,6 +504,7 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
             seen, correct, counted = (resumed_sums.pop(k, 0) for k in ("seen", "correct", "counted"))
             loss_sum = float(resumed_sums.pop("loss_sum", 0.0))
             seen_before = seen                            # images of this epoch before a resume (not timed here)
+            step_before = step
             t_epoch = time.perf_counter()
             while batch < steps_per_epoch:
                 if stop.requested:
@@ -513,6 +553,8 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
             if bar:
                 bar.close()
             finished = batch >= steps_per_epoch
+            if not finished and step == step_before:      # resumed at its --max-steps: nothing done, nothing to log
+                break
             entry = {"epoch": epoch + 1, "step": step, "lr": lr_at(max(step, 1), tc.lr, total_steps, warmup,
                                                                      tc.schedule, tc.min_lr),
                      "train_loss": loss_sum / seen if seen else None,
@@ -520,14 +562,13 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                      "grad_norm": float(gnorm) if gnorm is not None else None,
                      "images_per_s": (seen - seen_before) / max(time.perf_counter() - t_epoch, 1e-9),
                      "time": time.perf_counter() - t_start}
+            if not finished:
+                entry["partial"] = True           # stopped inside the epoch (--max-steps); its full line follows
             last_epoch = epoch + 1 == tc.epochs or (tc.max_steps and step >= tc.max_steps)
             if (epoch + 1) % tc.eval_every == 0 or last_epoch:
                 ev = task.evaluate(params, cfg, ds.test_images, ds.test_labels, normalize_fn, tc.eval_batch_size)
                 test_acc = ev["accuracy"]
                 entry.update(test_loss=ev["loss"], test_acc=test_acc)
-                if log:
-                    log(f"epoch {epoch + 1}: train loss {_f4(entry['train_loss'])} acc {_f4(entry['train_acc'])} | "
-                        f"test loss {ev['loss']:.4f} acc {test_acc:.4f} | {entry['images_per_s']:.0f} img/s")
             if finished:
                 epoch, batch = epoch + 1, 0
             record(entry)
@@ -535,6 +576,10 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                 best = entry["test_acc"]
                 save("best", {"test_accuracy": entry["test_acc"]})
             save("last", {"test_accuracy": entry.get("test_acc")})
+            if log and "test_acc" in entry:       # (after the files: a closed output cannot lose the epoch)
+                log(f"epoch {entry['epoch']}: train loss {_f4(entry['train_loss'])} acc {_f4(entry['train_acc'])} | "
+                    f"test loss {entry['test_loss']:.4f} acc {entry['test_acc']:.4f} | "
+                    f"{entry['images_per_s']:.0f} img/s")
             if tc.max_steps and step >= tc.max_steps:
                 break
     seconds = time.perf_counter() - t_start

@@ -113,6 +113,19 @@ def test_resume_takes_epochs_max_steps_and_device_from_the_command_line(tmp_path
     status, out, err = cli(capsys, "train", "--resume", run, "--epochs", 3, "--quiet")
     assert status == 0 and "done: 12 updates" in out, err                 # 64 images / 16 = 4 updates an epoch
 
+    # a fine-tune given no data flags reads, and records, the data its base read: its resume reads them again
+    tuned = tmp_path / "tuned"
+    status, out, err = cli(capsys, "finetune", "--from", run / "last.npz", "--epochs", 2, "--max-steps", 2,
+                           "--batch-size", 16, "--quiet", "--out", tuned)
+    assert status == 0, err
+    _, _, meta = load_checkpoint(tuned / "last.npz")
+    assert (meta["train"]["n_train"], meta["train"]["n_test"]) == (64, 32)
+    assert meta["train"]["data_dir"] == str(data_dir.resolve())
+    status, out, err = cli(capsys, "finetune", "--resume", tuned, "--quiet")
+    assert status == 0 and "done: 8 updates" in out, err
+    status, out, err = cli(capsys, "finetune", "--from", run / "last.npz", "--out", run)
+    assert status == 2 and "is the folder of the checkpoint to fine-tune from" in err
+
 
 def test_pretrain_mpp_then_finetune_from_it(tmp_path, data_dir, device_flag, capsys):
     device, _ = device_flag

@@ -12,7 +12,7 @@ from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minivit.config import get_config
 from minivit.data.dataset import Dataset
 from minivit.model import init_params
-from minivit.train import TrainConfig, TrainingError, TrainingInterrupted, train
+from minivit.train import TrainConfig, TrainingError, TrainingInterrupted, _checkpoint_step, train
 from minivit.tree import flatten
 
 from conftest import install_standin
@@ -89,6 +89,12 @@ def test_a_new_run_in_a_used_folder_keeps_nothing_of_the_old_one(tmp_path):
     def interrupt(step, loss, params):
         os.kill(os.getpid(), signal.SIGINT)
 
+    def poison(step, loss, params):
+        params["head"]["w"][...] = np.nan
+
+    with pytest.raises(TrainingError):              # a new run that fails before writing anything removes nothing
+        train(tiny_config(tmp_path), data=tiny_data(), progress=False, log=None, on_step=poison)
+    assert {p.name for p in old.run_dir.iterdir()} >= {"best.npz", "last.npz", "log.jsonl"}
     with pytest.raises(TrainingInterrupted):        # stopped before its first evaluation: no best.npz of its own
         train(tiny_config(tmp_path), data=tiny_data(), progress=False, log=None, on_step=interrupt)
     assert not (old.run_dir / "best.npz").exists() and not (old.run_dir / "log.jsonl").exists()
@@ -118,16 +124,20 @@ def test_resume_goes_on_in_its_folder_keeps_its_meta_and_names_its_checkpoint(tm
     moved = tmp_path / "moved"
     part.run_dir.rename(moved)
     shutil.copy(moved / "last.npz", moved / "update7.npz")
-    resumed = train(None, resume=moved, data=tiny_data(), progress=False, log=None)
+    resumed = train(TrainConfig(epochs=6), resume=moved, data=tiny_data(), progress=False, log=None)
     assert resumed.run_dir == moved and not (tmp_path / "a" / "run").exists()
     _, _, meta = load_checkpoint(moved / "last.npz")
-    assert meta["progress"]["step"] == 12 and meta["finetuned_from"] == "base.npz"
+    assert meta["progress"]["step"] == 24 and meta["finetuned_from"] == "base.npz"
     assert meta["train"]["out"] == str(moved)
 
-    # back to an earlier checkpoint: the log loses its later lines, and does not get them twice
-    train(None, resume=moved / "update7.npz", data=tiny_data(), progress=False, log=None)
-    steps = [json.loads(line)["step"] for line in (moved / "log.jsonl").read_text().splitlines()]
-    assert steps == [4, 7, 8, 12]       # epoch 1, the --max-steps stop inside epoch 2, epoch 2, epoch 3
+    # back to an earlier checkpoint: the log loses its later lines (and does not get them twice), and a best.npz
+    # saved after that checkpoint, by updates now abandoned, goes
+    assert _checkpoint_step(moved / "best.npz") > 12
+    train(None, resume=moved / "update7.npz", data=tiny_data(), progress=False, log=None)   # to epoch 3's end
+    assert _checkpoint_step(moved / "best.npz") <= 12
+    lines = [json.loads(line) for line in (moved / "log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in lines] == [4, 7, 8, 12]   # epoch 1, the --max-steps stop in epoch 2, epochs 2 and 3
+    assert [h.get("partial", False) for h in lines] == [False, True, False, False]
 
     def poison(step, loss, params):
         params["head"]["w"][...] = np.nan
@@ -135,6 +145,22 @@ def test_resume_goes_on_in_its_folder_keeps_its_meta_and_names_its_checkpoint(tm
     with pytest.raises(TrainingError, match=r"loss became nan at update 4 .* last good checkpoint is .*last.npz "
                                             r"\(update 2\)"):
         train(None, resume=cut.run_dir, data=tiny_data(), progress=False, log=None, on_step=poison)
+
+
+def test_resume_from_another_folder_reads_the_same_data(tmp_path, monkeypatch):
+    """A relative --data-dir is recorded as the absolute folder, so a resume started elsewhere finds the data."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    kw = dict(dataset="shapes", n_train=32, n_test=16, model="test", image_size=8, epochs=2, max_steps=2,
+              batch_size=16, data_dir="reldata", out="run")
+    part = train(TrainConfig(**kw), progress=False, log=None)
+    monkeypatch.chdir(tmp_path / "b")
+    resumed = train(None, resume=tmp_path / "a" / "run", progress=False, log=None)
+    assert resumed.steps == 4 and not (tmp_path / "b" / "reldata").exists()
+    assert part.steps == 2
+    _, _, meta = load_checkpoint(tmp_path / "a" / "run" / "last.npz")
+    assert meta["train"]["data_dir"] == meta["data"]["data_dir"] == str(tmp_path / "a" / "reldata")
 
 
 def test_checkpoint_errors(tmp_path):
