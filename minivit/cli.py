@@ -59,7 +59,7 @@ def _setup_runtime(args):
 
 
 def _run_training(args, **kw):
-    from minivit.train import TrainingInterrupted, train
+    from minivit.train import TrainingInterrupted, format_figure, train
     _setup_runtime(args)
     try:
         result = train(_train_config(args), resume=args.resume, progress=not args.quiet, **kw)
@@ -68,13 +68,9 @@ def _run_training(args, **kw):
         return 130
     last = result.history[-1] if result.history else {}
     print(f"done: {result.steps} updates in {result.seconds:.1f} s; test accuracy {result.test_accuracy:.4f} "
-          f"(best {result.best_accuracy:.4f}); train accuracy {_figure(last.get('train_acc'))}")
+          f"(best {result.best_accuracy:.4f}); train accuracy {format_figure(last.get('train_acc'))}")
     print(f"run folder: {result.run_dir} (last.npz, best.npz, log.jsonl, config.json)")
     return 0
-
-
-def _figure(value):
-    return "-" if value is None else f"{value:.4f}"
 
 
 def cmd_train(args):

@@ -308,8 +308,8 @@ def _checkpoint_step(path):
         return -1
 
 
-def _f4(value):
-    """A log figure: 4 decimals, or '-' where there is none (no update in that stretch of the epoch)."""
+def format_figure(value):
+    """A logged figure: 4 decimals, or '-' where there is none (no update in that stretch of the epoch)."""
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -448,15 +448,16 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     from minivit.fileio import atomic_write_json
     atomic_write_json(run_dir / "config.json", {"train": tc.to_dict(), "model": cfg.to_dict(), "data": data_meta})
     log_path = run_dir / "log.jsonl"
-    first_write = [True]
+    first_write = True
 
     def clear_what_is_not_this_run():
         """Before this run writes its first file (not before: a run that fails at once destroys nothing): a new
         run removes an earlier run's log and checkpoints from the folder; a resume from an earlier checkpoint cuts
         the log back to it and removes a best.npz from the abandoned updates after it."""
-        if not first_write[0]:
+        nonlocal first_write
+        if not first_write:
             return
-        first_write[0] = False
+        first_write = False
         if resume is None:
             for name in ("log.jsonl", "best.npz", "last.npz"):
                 (run_dir / name).unlink(missing_ok=True)
@@ -577,9 +578,9 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
                 save("best", {"test_accuracy": entry["test_acc"]})
             save("last", {"test_accuracy": entry.get("test_acc")})
             if log and "test_acc" in entry:       # (after the files: a closed output cannot lose the epoch)
-                log(f"epoch {entry['epoch']}: train loss {_f4(entry['train_loss'])} acc {_f4(entry['train_acc'])} | "
-                    f"test loss {entry['test_loss']:.4f} acc {entry['test_acc']:.4f} | "
-                    f"{entry['images_per_s']:.0f} img/s")
+                log(f"epoch {entry['epoch']}: train loss {format_figure(entry['train_loss'])} "
+                    f"acc {format_figure(entry['train_acc'])} | test loss {entry['test_loss']:.4f} "
+                    f"acc {entry['test_acc']:.4f} | {entry['images_per_s']:.0f} img/s")
             if tc.max_steps and step >= tc.max_steps:
                 break
     seconds = time.perf_counter() - t_start

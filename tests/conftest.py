@@ -47,3 +47,18 @@ def install_standin(monkeypatch):
 def xp(device):
     """The array module of `device`: numpy, or CuPy (real, or the stand-in)."""
     return np if device == "cpu" else get_backend("gpu")
+
+
+def without_key_bias(params):
+    """A flat parameter dict with each qkv bias's key part [D, 2D) removed (host arrays). Two runs that round
+    differently cannot be compared there after an Adam step: that bias's gradient is 0 up to rounding (softmax
+    ignores a shift shared by all scores), and Adam turns the rounding noise into lr-sized steps."""
+    from minivit.backend import to_numpy
+    out = {}
+    for k, p in params.items():
+        p = to_numpy(p)
+        if k.endswith("attn.qkv_b"):
+            D = p.size // 3
+            p = np.delete(p, np.s_[D:2 * D])
+        out[k] = p
+    return out

@@ -23,7 +23,7 @@ from minivit.model import init_params, vit_backward, vit_forward
 from minivit.optim import optimizer_init, optimizer_step
 from minivit.tree import flatten, tree_map
 
-from conftest import CUPY, install_standin, requires_gpu
+from conftest import CUPY, install_standin, requires_gpu, without_key_bias
 from fake_cupy import run_gpu_source
 
 C = math.sqrt(2 / math.pi)
@@ -350,10 +350,7 @@ def test_gpu_path_on_the_cpu_matches_the_cpu_path(monkeypatch):
         optimizer_step(params, grads, optimizer_init(params), 1e-2, weight_decay=0.1)   # in place
         infer, _ = vit_forward(params, x, cfg, keep_cache=False)             # inference: no gelu'
         gelu_y, gelu_cache = gelu_forward(x)                                 # the GELU layer on its own
-        # The updated key bias is left out: its gradient is 0 up to rounding (softmax ignores a shift shared by all
-        # scores), and Adam turns that rounding noise into lr-sized steps that differ between two ways of rounding.
-        params = {k: without_key_bias(p, cfg.width) if k.endswith("attn.qkv_b") else p
-                  for k, p in flatten(params).items()}
+        params = without_key_bias(flatten(params))                          # the key bias aside: see there
         return to_numpy([logits, infer, gelu_y, gelu_backward(x, gelu_cache), *flatten(grads).values(),
                          *params.values()])
 
@@ -365,11 +362,6 @@ def test_gpu_path_on_the_cpu_matches_the_cpu_path(monkeypatch):
         assert type(g) is np.ndarray and g.dtype == e.dtype == np.float32
         assert np.abs(e).max() > 0                                          # a gradient of 0 would compare trivially
         np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-6)
-
-
-def without_key_bias(qkv_b, D):
-    """qkv_b (3D,) without its key part [D, 2D), on the host."""
-    return np.delete(to_numpy(qkv_b), np.s_[D:2 * D])
 
 
 # ---- GPU twins (CuPy), where a GPU exists
