@@ -109,7 +109,7 @@ def main(quick=False, seed=0, out_dir=None):
         assert abs(float(loss) - math.log(cfg.num_classes)) < 1e-12
     print(f"first loss = log {cfg.num_classes} = {math.log(cfg.num_classes):.4f} (difference "
           f"{abs(out['first_loss'][0.0] - math.log(cfg.num_classes)):.0e}), with smoothing 0.1 as well")
-    dimages, grads = vit_backward(cross_entropy_backward(ce_cache), cache)
+    dimages, grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
     assert dimages.shape == images.shape and same_structure(grads, params)   # grads mirror params
 
     # 2. The whole-model gradient check: images and every parameter tensor, through the loss.

@@ -312,7 +312,7 @@ class MinivitRunner:
         if self.case.train:
             logits, cache = vit_forward(self.params, self.images, self.cfg, train=True, rng=self.rng)
             loss, ce_cache = cross_entropy_forward(logits, self.labels)
-            _, grads = vit_backward(cross_entropy_backward(ce_cache), cache)
+            _, grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
             optimizer_step(self.params, grads, self.state, LR, kind="adamw", weight_decay=WEIGHT_DECAY)
         else:
             vit_forward(self.params, self.images, self.cfg, keep_cache=False)   # inference: as torch.no_grad
@@ -347,7 +347,7 @@ class MinivitRunner:
         x, y = self.images[:n], self.labels[:n]
         logits, cache = vit_forward(self.params, x, self.cfg, train=False)
         _, ce_cache = cross_entropy_forward(logits, y)
-        _, grads = vit_backward(cross_entropy_backward(ce_cache), cache)
+        _, grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
         out = {"images": to_numpy(x), "labels": y, "logits": to_numpy(logits)}
         out.update({"param." + k: to_numpy(v) for k, v in flatten(self.params).items()})
         out.update({"grad." + k: to_numpy(v) for k, v in flatten(grads).items()})

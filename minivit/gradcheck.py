@@ -121,7 +121,7 @@ def gradcheck_model(cfg, seed=0, batch=2, train=False, eps=1e-5, max_coords=32, 
 
     def backward(inp, dy):
         _, (cache, ce_cache) = forward_full(inp)
-        dlogits = cross_entropy_backward(ce_cache, dy) if labels else dy
+        dlogits = cross_entropy_backward(dy, ce_cache) if labels else dy
         dimages, grads = vit_backward(dlogits, cache)
         g = flatten(grads)
         g["images"] = dimages

@@ -56,7 +56,10 @@ def cross_entropy_forward(logits, targets, smoothing=0.0):
     return loss, (xp.exp(logp), t)
 
 
-def cross_entropy_backward(cache, dloss=1.0):
-    """-> dlogits (B, K) = dloss * (softmax(logits) - t) / B."""
+def cross_entropy_backward(dloss, cache):
+    """dloss: a number (the upstream gradient of the scalar loss, 1.0 at the top of a graph) -> dlogits (B, K).
+
+    dlogits = dloss * (softmax(logits) - t) / B   (the house order: the upstream gradient first, then the cache).
+    """
     probs, t = cache
     return (probs - t) * (dloss / probs.shape[0])

@@ -233,7 +233,7 @@ def mpp_loss_forward(params, images, cfg, corruption, targets, train=False, rng=
 def mpp_loss_backward(cache, dloss=1.0):
     """-> dimages, grads of the mean loss (times dloss)."""
     cache, ce_cache = cache
-    return mpp_backward(cross_entropy_backward(ce_cache, dloss), cache)
+    return mpp_backward(cross_entropy_backward(dloss, ce_cache), cache)
 
 
 # ----------------------------------------------------------------------------------------------------------------

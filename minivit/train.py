@@ -246,7 +246,7 @@ def loss_and_grads(params, cfg, x, targets, tc, step, freeze_backbone=False):
         rng = np.random.default_rng([tc.seed, 2, step, m])
         logits, cache = vit_forward(params, x[sl], cfg, train=not freeze_backbone, rng=rng)
         loss, ce_cache = cross_entropy_forward(logits, targets[sl], tc.label_smoothing)
-        dlogits = cross_entropy_backward(ce_cache, micro / B)                 # (micro, K)
+        dlogits = cross_entropy_backward(micro / B, ce_cache)                 # (micro, K)
         if freeze_backbone:
             g = head_backward(dlogits, cache)                                  # only the head learns
         else:

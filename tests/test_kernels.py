@@ -346,7 +346,7 @@ def test_gpu_path_on_the_cpu_matches_the_cpu_path(monkeypatch):
         params, x = to_device(random_params(cfg), device), to_device(images, device)      # float32
         logits, cache = vit_forward(params, x, cfg, train=True, rng=np.random.default_rng(2))
         _, loss_cache = cross_entropy_forward(logits, labels)
-        _, grads = vit_backward(cross_entropy_backward(loss_cache), cache)
+        _, grads = vit_backward(cross_entropy_backward(1.0, loss_cache), cache)
         optimizer_step(params, grads, optimizer_init(params), 1e-2, weight_decay=0.1)   # in place
         infer, _ = vit_forward(params, x, cfg, keep_cache=False)             # inference: no gelu'
         gelu_y, gelu_cache = gelu_forward(x)                                 # the GELU layer on its own

@@ -263,7 +263,7 @@ def test_cross_entropy_gradcheck(xp, soft):
     inp = {"z": rand(xp, 4, 5, scale=3.0)}
     fwd = lambda i: cross_entropy_forward(i["z"], xp.asarray(targets) if soft else targets, 0.1)[0]
     bwd = lambda i, dy: {"z": cross_entropy_backward(
-        cross_entropy_forward(i["z"], xp.asarray(targets) if soft else targets, 0.1)[1], dy)}
+        dy, cross_entropy_forward(i["z"], xp.asarray(targets) if soft else targets, 0.1)[1])}
     assert_gradcheck(fwd, bwd, inp)
 
 
@@ -276,7 +276,7 @@ def test_cross_entropy_closed_form_and_stability():
     assert abs(float(loss) + (0.1 * lp[0, 0] + 0.1 * lp[0, 1] + 0.8 * lp[0, 2])) < 1e-12
     big = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5e3]], dtype=np.float32)
     loss, cache = cross_entropy_forward(big, np.array([1, 1]))
-    d = cross_entropy_backward(cache)
+    d = cross_entropy_backward(1.0, cache)
     assert np.isfinite(float(loss)) and np.isfinite(d).all() and loss.dtype == np.float32
     assert abs(float(loss) - 1e4) < 1.0                                 # first row: 2e4 / 2 images
 

@@ -82,7 +82,7 @@ def test_float32_stays_float32_end_to_end():
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
     logits, cache = vit_forward(params, x, cfg, train=True, rng=np.random.default_rng(0))
     loss, ce = cross_entropy_forward(logits, np.array([0, 3]), smoothing=0.1)
-    dx, grads = vit_backward(cross_entropy_backward(ce), cache)
+    dx, grads = vit_backward(cross_entropy_backward(1.0, ce), cache)
 
     def walk(obj, where):   # every array anywhere in the caches is float32 (or a bool/int mask)
         if hasattr(obj, "dtype"):
