@@ -268,12 +268,17 @@ def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True):
     return logits, cache
 
 
+def head_backward(dlogits, cache):
+    """dlogits: (B, K) -> dpooled (B, D), grads {head: {w, b}}: the classifier head's backward alone (what a
+    linear probe on a frozen backbone trains; vit_backward goes on from dpooled)."""
+    dpooled, dw, db = linear_backward(dlogits, cache["head"])   # fwd: logits = pooled @ head_w + head_b
+    return dpooled, {"head": {"w": dw, "b": db}}
+
+
 def vit_backward(dlogits, cache):
     """dlogits: (B, K) -> dimages (B, H, W, C), grads (the same tree as params)."""
     xp = get_xp(dlogits)
-    grads = {}
-    dpooled, dw, db = linear_backward(dlogits, cache["head"])                           # (B, D)
-    grads["head"] = {"w": dw, "b": db}
+    dpooled, grads = head_backward(dlogits, cache)                                      # (B, D)
     if "pre_logits" in cache:
         t = cache["pre_logits_tanh"]
         dh = dpooled * (1.0 - t * t)                                                     # fwd: pooled = tanh(h)

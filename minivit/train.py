@@ -26,8 +26,7 @@ from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minivit.config import get_config
 from minivit.data.transforms import augment_batch, mixup
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
-from minivit.model import init_params, vit_backward, vit_forward
-from minivit.layers import linear_backward
+from minivit.model import head_backward, init_params, vit_backward, vit_forward
 from minivit.optim import (OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at, optimizer_init, optimizer_step,
                            state_from_flat)
 from minivit.tree import accumulate
@@ -248,19 +247,13 @@ def loss_and_grads(params, cfg, x, targets, tc, step, freeze_backbone=False):
         loss, ce_cache = cross_entropy_forward(logits, targets[sl], tc.label_smoothing)
         dlogits = cross_entropy_backward(micro / B, ce_cache)                 # (micro, K)
         if freeze_backbone:
-            g = head_backward(dlogits, cache)                                  # only the head learns
+            g = head_backward(dlogits, cache)[1]                               # only the head learns
         else:
             _, g = vit_backward(dlogits, cache)
         grads = accumulate(grads, g)                                           # sum over micro-batches
         total_loss += float(loss) * micro / B
         all_logits.append(logits)
     return total_loss, grads, xp.concatenate(all_logits)
-
-
-def head_backward(dlogits, cache):
-    """dlogits: (B, K) -> grads {head: {w, b}} only: the backward of a linear probe (frozen backbone)."""
-    _, dw, db = linear_backward(dlogits, cache["head"])   # fwd: logits = pooled @ head_w + head_b
-    return {"head": {"w": dw, "b": db}}
 
 
 class ClassificationTask:
