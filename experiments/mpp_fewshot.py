@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit.backend import set_threads
+from minivit.threads import set_threads
 
 
 def main():

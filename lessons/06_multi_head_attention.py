@@ -41,7 +41,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from minivit.analysis import mean_attention_distance
-from minivit.attention import ATTN_PROBS, attention_backward, attention_forward
+from minivit.attention import attention_backward, attention_forward
 from minivit.config import count_params, get_config
 from minivit.data.shapes import render_shapes
 from minivit.gradcheck import gradcheck
@@ -106,7 +106,7 @@ def main(quick=False, seed=0, out_dir=None):
     # 1. Heads are a reshape: a loop over column slices gives the package's output and attention matrices.
     y, cache = attention_forward(x, p, nh)
     y_loop, A_loop = heads_by_loop(x, p, nh)
-    out["loop_max_diff"] = max(float(np.abs(y - y_loop).max()), float(np.abs(cache[ATTN_PROBS] - A_loop).max()))
+    out["loop_max_diff"] = max(float(np.abs(y - y_loop).max()), float(np.abs(cache.att - A_loop).max()))
     assert out["loop_max_diff"] < 1e-12
     print(f"head loop vs attention_forward: max |difference| {out['loop_max_diff']:.1e} (outputs and attention)")
     out["params_by_heads"] = {h: count_params(get_config("vit-b16", heads=h)) for h in (1, 12, 768)}
@@ -120,7 +120,7 @@ def main(quick=False, seed=0, out_dir=None):
     xs, qkv_w = hand_built(images[0], P)
     hp = {"qkv_w": qkv_w, "qkv_b": np.zeros(48), "proj_w": np.eye(16), "proj_b": np.zeros(16)}
     _, hc = attention_forward(xs, hp, heads=2)
-    A = hc[ATTN_PROBS]                                                    # (1, 2, 64, 64)
+    A = hc.att                                                             # (1, 2, 64, 64)
     dist = mean_attention_distance([A], (g, g), P, n_prefix=0)[0]         # (2,) pixels (lesson 12 explains it)
     out["mean_distance_px"] = [float(d) for d in dist]
     assert dist[0] < dist[1]

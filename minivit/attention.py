@@ -1,4 +1,4 @@
-"""Multi-head scaled dot-product self-attention, forward and backward.
+"""Multi-head scaled dot-product self-attention, forward and backward: the reference, the math as written.
 
 Shapes (glossary in layers.py): x (B, N, D); q, k, v (B, nh, N, hs); attention (B, nh, N, N).
 
@@ -7,98 +7,70 @@ Shapes (glossary in layers.py): x (B, N, D); q, k, v (B, nh, N, hs); attention (
     o = A v, heads concatenated                  (B, N, D)
     y = o @ proj_w + proj_b
 
-The attention probabilities A of a forward pass stay in the cache (`cache[ATTN_PROBS]`); the analysis code reads
-them from there.
-
-Speed: the core (scores, softmax, A v, and their backward) runs a few images at a time (`row_blocks` over the
-batch): one chunk's scores are computed, normalized and used while they sit in the core's cache, and the chunks
-go to every core. Backward's (N, N) gradients live only in a per-thread chunk buffer, never as whole arrays.
+The cache is an `AttentionCache`; its `att` is A (B, nh, N, N), which the analysis code reads. The fast twin
+(minivit/fast/attention.py) computes the same on chunks of images that stay in cache.
 """
 import math
-from functools import partial
+from typing import NamedTuple
 
-from minivit.backend import get_xp, matmul, row_blocks, scratch
-from minivit.layers import (_keep_mask, _softmax_grad_rows, _softmax_rows, dropout_backward, dropout_forward,
-                            linear_backward, linear_forward)
-
-ATTN_PROBS = 3   # index of A (B, nh, N, N) in the attention cache
+from minivit.backend import get_xp
+from minivit.layers import (dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward,
+                            softmax_forward)
 
 
-def _attention_rows(q, k, v, att, o, mask=None, *, scale):
-    """One chunk of images: att = softmax(q k^T * scale);  o = (att * mask) v, heads merged. In place in att, o."""
-    xp = get_xp(q)
-    N = att.shape[-1]
-    # k^T copied to contiguous memory: OpenBLAS ran q @ (a k^T view) at half speed at cifar-small's 65x64 heads
-    kT = scratch(k, k.shape[:2] + (k.shape[3], N), slot=2)
-    xp.copyto(kT, k.swapaxes(-1, -2))                     # (b, nh, hs, N)  k^T
-    matmul(q, kT, out=att)                                # (b, nh, N, N)  q k^T
-    _softmax_rows(att.reshape(-1, N), att.reshape(-1, N), scale)   # softmax(q k^T / sqrt(hs)), row by row
-    att_d = att if mask is None else att * mask           # dropout on the probabilities
-    matmul(att_d, v, out=o.transpose(0, 2, 1, 3))         # o[:, :, h] = A_h v_h, (b, N, nh, hs)
+class AttentionCache(NamedTuple):
+    qkv: tuple            # linear cache of the qkv projection
+    q: object             # (B, nh, N, hs)
+    k: object             # (B, nh, N, hs)
+    v: object             # (B, nh, N, hs)
+    softmax: tuple        # softmax cache: (A, scale)
+    att_drop: tuple       # dropout cache of A
+    att_d: object         # (B, nh, N, N) A after dropout (A itself without)
+    proj: tuple           # linear cache of the output projection
+    proj_drop: tuple      # dropout cache of the output
 
-
-def _attention_grad_rows(q, k, v, att, do, dq, dk, dv, mask=None, *, scale):
-    """One chunk of images: dq, dk, dv (b, nh, N, hs) in place, from do (b, nh, N, hs)."""
-    xp = get_xp(q)
-    N = att.shape[-1]
-    datt = scratch(att, slot=0)                           # (b, nh, N, N)
-    ds = scratch(att, slot=1)                             # (b, nh, N, N)
-    att_d = att if mask is None else att * mask
-    vT = scratch(v, v.shape[:2] + (v.shape[3], N), slot=2)
-    xp.copyto(vT, v.swapaxes(-1, -2))                     # v^T in contiguous memory (as k^T in forward)
-    matmul(do, vT, out=datt)                              # dA_d = do v^T
-    matmul(att_d.swapaxes(-1, -2), do, out=dv)            # dv = A_d^T do
-    if mask is not None:
-        datt *= mask                                      # dA = dA_d * mask
-    _softmax_grad_rows(datt.reshape(-1, N), att.reshape(-1, N), ds.reshape(-1, N), scale)   # ds, 1/sqrt(hs) in
-    matmul(ds, k, out=dq)                                 # dq = ds k
-    matmul(ds.swapaxes(-1, -2), q, out=dk)                # dk = ds^T q
+    @property
+    def att(self):
+        """A = softmax(q k^T / sqrt(hs)): (B, nh, N, N), the attention probabilities."""
+        return self.softmax[0]
 
 
 def attention_forward(x, p, heads, train=False, rng=None, attn_dropout=0.0, proj_dropout=0.0):
-    """x: (B, N, D), p: {qkv_w (D, 3D), qkv_b (3D,), proj_w (D, D), proj_b (D,)} -> (B, N, D).
-
-    No head split or merge copies: q, k, v are strided views of the qkv output, and A v is written straight into
-    a (B, N, nh, hs) array, which is o (B, N, D) with its heads merged. Cache: the qkv output (as q, k, v), A,
-    the dropout mask on A (None without dropout); not the scores (softmax runs in place) nor A * mask.
-    """
-    xp = get_xp(x)
+    """x: (B, N, D), p: {qkv_w (D, 3D), qkv_b (3D,), proj_w (D, D), proj_b (D,)} -> (B, N, D)."""
     B, N, D = x.shape
     nh, hs = heads, D // heads
-    scale = 1.0 / math.sqrt(hs)
     qkv, qkv_cache = linear_forward(x, p["qkv_w"], p["qkv_b"])          # (B, N, 3D)
-    q, k, v = qkv.reshape(B, N, 3, nh, hs).transpose(2, 0, 3, 1, 4)     # (B, nh, N, hs) each (views)
-    att = xp.empty((B, nh, N, N), x.dtype)                              # (B, nh, N, N)  A
-    o = xp.empty((B, N, nh, hs), x.dtype)                               # (B, N, nh, hs): heads merged in memory
-    # the dropout mask, drawn for the whole batch at once (the same draw as dropout_forward(A))
-    mask = _keep_mask(att.shape, attn_dropout, rng, x.dtype, xp) if train and attn_dropout > 0 else None
-    masks = () if mask is None else (mask,)
-    row_blocks(partial(_attention_rows, scale=scale), q, k, v, att, o, *masks)   # chunks of images
-    y, proj_cache = linear_forward(o.reshape(B, N, D), p["proj_w"], p["proj_b"])   # (B, N, D)
+    q, k, v = qkv.reshape(B, N, 3, nh, hs).transpose(2, 0, 3, 1, 4)     # (B, nh, N, hs) each
+    s = q @ k.swapaxes(-1, -2)                                          # (B, nh, N, N)  q k^T
+    att, softmax_cache = softmax_forward(s, 1.0 / math.sqrt(hs))        # (B, nh, N, N)  A = softmax(s / sqrt(hs))
+    att_d, att_drop_cache = dropout_forward(att, attn_dropout, train, rng)
+    o = att_d @ v                                                       # (B, nh, N, hs)
+    o = o.transpose(0, 2, 1, 3).reshape(B, N, D)                        # (B, N, D): heads concatenated
+    y, proj_cache = linear_forward(o, p["proj_w"], p["proj_b"])         # (B, N, D)
     y, proj_drop_cache = dropout_forward(y, proj_dropout, train, rng)
-    return y, (qkv_cache, (q, k, v), mask, att, proj_cache, proj_drop_cache, scale, heads)
+    return y, AttentionCache(qkv_cache, q, k, v, softmax_cache, att_drop_cache, att_d, proj_cache, proj_drop_cache)
 
 
 def attention_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, N, D), grads {qkv_w, qkv_b, proj_w, proj_b}.
 
-    o = A_d v, A_d = A * mask:  dA_d = do v^T,  dv = A_d^T do,  dA = dA_d * mask
-    A = softmax(s):             ds = A * (dA - sum_j dA * A)
-    s = q k^T / sqrt(hs):       dq = ds k / sqrt(hs),  dk = ds^T q / sqrt(hs)
+    o = A_d v, A_d = drop(A):   dA_d = do v^T,  dv = A_d^T do,  dA = drop_backward(dA_d)
+    A = softmax(s / sqrt(hs)):  ds = A * (dA - sum_j dA * A) / sqrt(hs)
+    s = q k^T:                  dq = ds k,  dk = ds^T q
     """
-    qkv_cache, (q, k, v), mask, att, proj_cache, proj_drop_cache, scale, heads = cache
+    c = cache
     xp = get_xp(dy)
-    B, N, D = dy.shape
-    nh, hs = heads, D // heads
-    dy = dropout_backward(dy, proj_drop_cache)
-    # fwd: y = o @ proj_w + proj_b
-    do, dproj_w, dproj_b = linear_backward(dy, proj_cache)              # (B, N, D)
-    do = do.reshape(B, N, nh, hs).transpose(0, 2, 1, 3)                 # (B, nh, N, hs): heads split (a view)
-    # fwd: o = A_d v, A = softmax(q k^T / sqrt(hs)); dq, dk, dv are written straight into dqkv, laid out as qkv
-    dqkv = xp.empty((B, N, 3, nh, hs), dy.dtype)                        # (B, N, 3, nh, hs) = (B, N, 3D)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                          # (B, nh, N, hs) each (views)
-    masks = () if mask is None else (mask,)
-    row_blocks(partial(_attention_grad_rows, scale=scale), q, k, v, att, do, dq, dk, dv, *masks)   # chunks
-    # fwd: qkv = x @ qkv_w + qkv_b
-    dx, dqkv_w, dqkv_b = linear_backward(dqkv.reshape(B, N, 3 * D), qkv_cache)   # (B, N, D)
+    B, nh, N, hs = c.q.shape
+    D = nh * hs
+    dy = dropout_backward(dy, c.proj_drop)                              # fwd: y = drop(y)
+    do, dproj_w, dproj_b = linear_backward(dy, c.proj)                  # fwd: y = o @ proj_w + proj_b
+    do = do.reshape(B, N, nh, hs).transpose(0, 2, 1, 3)                 # (B, nh, N, hs): heads split
+    datt_d = do @ c.v.swapaxes(-1, -2)                                  # (B, nh, N, N)  fwd: o = A_d v
+    dv = c.att_d.swapaxes(-1, -2) @ do                                  # (B, nh, N, hs)
+    datt = dropout_backward(datt_d, c.att_drop)                         # fwd: A_d = drop(A)
+    ds = softmax_backward(datt, c.softmax)                              # (B, nh, N, N)  fwd: A = softmax(s / sqrt(hs))
+    dq = ds @ c.k                                                       # (B, nh, N, hs) fwd: s = q k^T
+    dk = ds.swapaxes(-1, -2) @ c.q                                      # (B, nh, N, hs)
+    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)              # (B, N, 3, nh, hs): laid out as qkv
+    dx, dqkv_w, dqkv_b = linear_backward(dqkv.reshape(B, N, 3 * D), c.qkv)   # fwd: qkv = x @ qkv_w + qkv_b
     return dx, {"qkv_w": dqkv_w, "qkv_b": dqkv_b, "proj_w": dproj_w, "proj_b": dproj_b}

@@ -173,7 +173,8 @@ def gemm_floor(shapes, reps=3, seed=0, xp=np):
     pays too, is in the time. The floor is the sum over the step's list. Operands are random float32 in the
     stated layouts.
     """
-    from minivit.backend import matmul, synchronize
+    from minivit.backend import synchronize
+    from minivit.fast.rows import matmul
     rng = np.random.default_rng(seed)
     counts = {}
     for _, bd, m, k, n, ta, tb in shapes:
@@ -360,7 +361,8 @@ class MinivitRunner:
 class Profiler:
     """Exclusive time per operation: each wrapped call's time minus the time of wrapped calls inside it."""
 
-    MODULES = ("minivit.layers", "minivit.attention", "minivit.model", "minivit.loss", "minivit.optim")
+    MODULES = ("minivit.layers", "minivit.attention", "minivit.reference", "minivit.fast", "minivit.fast.layers",
+               "minivit.fast.attention", "minivit.model", "minivit.loss", "minivit.optim")
 
     def __init__(self, sync=None):
         self.sync = sync or (lambda: None)

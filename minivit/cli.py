@@ -50,7 +50,8 @@ def _train_config(args):
 
 
 def _setup_runtime(args):
-    from minivit.backend import set_threads, tune_allocator
+    from minivit.backend import tune_allocator
+    from minivit.threads import set_threads
     tune_allocator()                  # keep freed memory in the process (glibc only; a no-op elsewhere)
     if getattr(args, "threads", None):
         set_threads(args.threads)

@@ -8,19 +8,21 @@ size, M MLP width, K classes).
     y  = LN(z_L);  pooled = y[:, 0] ('token') or mean over the patch tokens ('gap')
     logits = pooled @ head_w + head_b                          (through tanh(pooled @ pre_logits) when present)
 
-`vit_backward` calls the layer backwards in exactly the reverse order of `vit_forward`.
+`vit_backward` calls the layer backwards in exactly the reverse order of `vit_forward`. The layer pairs come from
+minivit.fast (fused, row-blocked twins) unless MINIVIT_REFERENCE=1 or reference=True selects the plain reference
+pairs of layers.py and attention.py (minivit.reference): the same math, the same results to rounding.
 """
 import math
 
 import numpy as np
 
-from minivit.attention import ATTN_PROBS, attention_backward, attention_forward
-from minivit.backend import get_xp, to_device
+from typing import NamedTuple
+
+from minivit import fast                                  # the layer pairs the model runs: the fast twins ...
+from minivit import reference as reference_ops            # ... or, with MINIVIT_REFERENCE=1, the reference pairs
+from minivit.backend import get_xp, to_device, to_numpy
 from minivit.config import param_shapes
-from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward,
-                            layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                            linear_gelu_backward, linear_gelu_forward, patch_embed_backward, patch_embed_forward,
-                            tokens_backward, tokens_forward)
+from minivit.reference import use_reference
 from minivit.tree import flatten, unflatten
 
 
@@ -94,62 +96,82 @@ def check_params(params, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# MLP and encoder block
+# MLP and encoder block. `ops` is the namespace of layer pairs a forward pass runs: minivit.fast (the default)
+# or minivit.reference (see layer_ops); the caches below are named, and a backward reads its ops from its cache.
 
-def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0, grad=True):
+def layer_ops(reference=None):
+    """The layer pairs to run: minivit.reference when `reference` is True (or, when it is None, MINIVIT_REFERENCE=1
+    is set), else their fast twins, minivit.fast. The two have the same names, signatures and results."""
+    return reference_ops if use_reference(reference) else fast
+
+
+class MLPCache(NamedTuple):
+    fc1: tuple            # fc1 + GELU (a linear_gelu cache)
+    drop1: tuple
+    fc2: tuple
+    drop2: tuple
+    ops: object
+
+
+def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0, keep_cache=True, ops=fast):
     """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))
 
-    The cache keeps fc2's input h and, in place of fc1's pre-activation u, gelu'(u) (computed in the GELU pass,
-    which shares tanh(u) with gelu(u)): backward's GELU step is then one multiply. grad=False (inference): no cache.
+    keep_cache=False (inference): no cache (the fast fc1 then skips gelu', which only backward needs).
     """
-    h, fc1_cache = linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate, grad)   # (B, N, M) gelu(fc1(x))
-    h, drop1_cache = dropout_forward(h, dropout, train, rng)
-    y, fc2_cache = linear_forward(h, p["fc2_w"], p["fc2_b"])           # (B, N, D)
-    y, drop2_cache = dropout_forward(y, dropout, train, rng)
-    return y, ((fc1_cache, drop1_cache, fc2_cache, drop2_cache) if grad else None)
+    h, fc1_cache = ops.linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate, keep_cache)   # (B, N, M)
+    h, drop1_cache = ops.dropout_forward(h, dropout, train, rng)
+    y, fc2_cache = ops.linear_forward(h, p["fc2_w"], p["fc2_b"])                                 # (B, N, D)
+    y, drop2_cache = ops.dropout_forward(y, dropout, train, rng)
+    return y, (MLPCache(fc1_cache, drop1_cache, fc2_cache, drop2_cache, ops) if keep_cache else None)
 
 
 def mlp_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, N, D), grads {fc1_w, fc1_b, fc2_w, fc2_b}: the layers' backwards in reverse."""
-    fc1_cache, drop1_cache, fc2_cache, drop2_cache = cache
-    dy = dropout_backward(dy, drop2_cache)
-    dh, dfc2_w, dfc2_b = linear_backward(dy, fc2_cache)                # fwd: y = h @ fc2_w + fc2_b
-    dh = dropout_backward(dh, drop1_cache)                             # fwd: h = drop(gelu(u))
-    dx, dfc1_w, dfc1_b = linear_gelu_backward(dh, fc1_cache)           # fwd: gelu(u), u = x @ fc1_w + fc1_b
+    c, ops = cache, cache.ops
+    dy = ops.dropout_backward(dy, c.drop2)
+    dh, dfc2_w, dfc2_b = ops.linear_backward(dy, c.fc2)                # fwd: y = h @ fc2_w + fc2_b
+    dh = ops.dropout_backward(dh, c.drop1)                             # fwd: h = drop(gelu(u))
+    dx, dfc1_w, dfc1_b = ops.linear_gelu_backward(dh, c.fc1)           # fwd: h = gelu(x @ fc1_w + fc1_b)
     return dx, {"fc1_w": dfc1_w, "fc1_b": dfc1_b, "fc2_w": dfc2_w, "fc2_b": dfc2_b}
 
 
-def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0, grad=True):
+class BlockCache(NamedTuple):
+    norm1: tuple
+    attn: tuple           # an attention cache; attn.att is A (B, nh, N, N)
+    drop_path1: tuple
+    norm2: tuple
+    mlp: MLPCache
+    drop_path2: tuple
+    ops: object
+
+
+def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0, keep_cache=True, ops=fast):
     """x: (B, N, D) -> (B, N, D).   x1 = x + MSA(LN(x));  y = x1 + MLP(LN(x1))
-    grad=False: inference, no backward to come (the MLP then skips what only backward needs)."""
-    h, norm1_cache = layernorm_forward(x, p["norm1"]["w"], p["norm1"]["b"], cfg.ln_eps)
-    h, attn_cache = attention_forward(h, p["attn"], cfg.heads, train, rng, cfg.attn_dropout, cfg.dropout)
-    h, dp1_cache = drop_path_forward(h, drop_path, train, rng)
-    h += x                                                              # x1 = x + h, in place (h is ours)
-    x1 = h                                                              # (B, N, D) first residual
-    h, norm2_cache = layernorm_forward(x1, p["norm2"]["w"], p["norm2"]["b"], cfg.ln_eps)
-    h, mlp_cache = mlp_forward(h, p["mlp"], cfg.gelu, train, rng, cfg.dropout, grad)
-    h, dp2_cache = drop_path_forward(h, drop_path, train, rng)
-    h += x1                                                             # y = x1 + h, in place
-    y = h                                                               # (B, N, D) second residual
-    return y, (norm1_cache, attn_cache, dp1_cache, norm2_cache, mlp_cache, dp2_cache)
+    keep_cache=False: inference, no backward to come (the MLP then skips what only backward needs)."""
+    h, norm1_cache = ops.layernorm_forward(x, p["norm1"]["w"], p["norm1"]["b"], cfg.ln_eps)
+    h, attn_cache = ops.attention_forward(h, p["attn"], cfg.heads, train, rng, cfg.attn_dropout, cfg.dropout)
+    h, dp1_cache = ops.drop_path_forward(h, drop_path, train, rng)
+    x1 = x + h                                                          # (B, N, D) first residual
+    h, norm2_cache = ops.layernorm_forward(x1, p["norm2"]["w"], p["norm2"]["b"], cfg.ln_eps)
+    h, mlp_cache = mlp_forward(h, p["mlp"], cfg.gelu, train, rng, cfg.dropout, keep_cache, ops)
+    h, dp2_cache = ops.drop_path_forward(h, drop_path, train, rng)
+    y = x1 + h                                                          # (B, N, D) second residual
+    return y, BlockCache(norm1_cache, attn_cache, dp1_cache, norm2_cache, mlp_cache, dp2_cache, ops)
 
 
 def block_backward(dy, cache):
     """dy: (B, N, D) -> dx (B, N, D), grads {norm1, attn, norm2, mlp}. Residuals: dx = dy + dbranch."""
-    norm1_cache, attn_cache, dp1_cache, norm2_cache, mlp_cache, dp2_cache = cache
+    c, ops = cache, cache.ops
     # fwd: y = x1 + drop_path(mlp(norm2(x1)))
-    dh = drop_path_backward(dy, dp2_cache)
-    dh, dmlp = mlp_backward(dh, mlp_cache)
-    dh, dnorm2_w, dnorm2_b = layernorm_backward(dh, norm2_cache)
-    dh += dy                                                            # dx1 = dy + dh, in place (dh is ours)
-    dx1 = dh
+    dh = ops.drop_path_backward(dy, c.drop_path2)
+    dh, dmlp = mlp_backward(dh, c.mlp)
+    dh, dnorm2_w, dnorm2_b = ops.layernorm_backward(dh, c.norm2)
+    dx1 = dy + dh                                                       # (B, N, D)
     # fwd: x1 = x + drop_path(attn(norm1(x)))
-    dh = drop_path_backward(dx1, dp1_cache)
-    dh, dattn = attention_backward(dh, attn_cache)
-    dh, dnorm1_w, dnorm1_b = layernorm_backward(dh, norm1_cache)
-    dh += dx1                                                           # dx = dx1 + dh, in place
-    dx = dh
+    dh = ops.drop_path_backward(dx1, c.drop_path1)
+    dh, dattn = ops.attention_backward(dh, c.attn)
+    dh, dnorm1_w, dnorm1_b = ops.layernorm_backward(dh, c.norm1)
+    dx = dx1 + dh                                                       # (B, N, D)
     return dx, {"norm1": {"w": dnorm1_w, "b": dnorm1_b}, "attn": dattn,
                 "norm2": {"w": dnorm2_w, "b": dnorm2_b}, "mlp": dmlp}
 
@@ -180,26 +202,26 @@ def drop_path_rates(cfg):
     return [cfg.drop_path * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
-def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True):
+def encoder_forward(x, params, cfg, train=False, rng=None, keep_cache=True, reference=None):
     """x: (B, Np, D) patch embeddings -> (B, N, D) every token's final representation (after the final norm).
 
     z0 = [x_class; x] + E_pos, dropout, the blocks, LN: the steps between the patch embedding and the pooling,
     shared by vit_forward and by objectives that read the patch tokens (or change the embeddings first, as masked
-    patch prediction in minivit.mpp). The cache is a dict with keys tokens, drop, blocks, norm.
+    patch prediction in minivit.mpp). The cache is a dict with keys ops, tokens, drop, blocks, norm.
     keep_cache=False (inference): each block's cache is dropped as soon as the block returns, so only one block's
     activations are alive at a time; cache["blocks"] is None then, and there is no backward pass.
+    reference: run the reference layer pairs (see layer_ops).
     """
-    cache = {}
-    x, cache["tokens"] = tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
-    x, cache["drop"] = dropout_forward(x, cfg.dropout, train, rng)
+    ops = layer_ops(reference)
+    cache = {"ops": ops}
+    x, cache["tokens"] = ops.tokens_forward(x, params.get("cls_token"), params["pos_embed"])  # (B, N, D)
+    x, cache["drop"] = ops.dropout_forward(x, cfg.dropout, train, rng)
     cache["blocks"] = [] if keep_cache else None
     for p, rate in zip(params["blocks"], drop_path_rates(cfg)):
+        x, c = block_forward(x, p, cfg, train, rng, rate, keep_cache, ops)                     # (B, N, D)
         if keep_cache:
-            x, c = block_forward(x, p, cfg, train, rng, rate)                            # (B, N, D)
-            cache["blocks"].append(c)
-        else:
-            x = block_forward(x, p, cfg, train, rng, rate, grad=False)[0]                # the cache goes at once
-    x, cache["norm"] = layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
+            cache["blocks"].append(c)                                   # (without: the cache goes at once)
+    x, cache["norm"] = ops.layernorm_forward(x, params["norm"]["w"], params["norm"]["b"], cfg.ln_eps)  # (B, N, D)
     return x, cache
 
 
@@ -223,8 +245,9 @@ def encoder_backward(dy, cache):
     peak. A second backward through the same cache is an error; run the forward pass again.
     """
     blocks = _block_caches(cache, "activations to backpropagate through")
+    ops = cache["ops"]
     g = {}
-    dx, dw, db = layernorm_backward(dy, cache["norm"])
+    dx, dw, db = ops.layernorm_backward(dy, cache["norm"])
     g["norm"] = {"w": dw, "b": db}
     dblocks = []
     for i in reversed(range(len(blocks))):
@@ -232,38 +255,40 @@ def encoder_backward(dy, cache):
         blocks[i] = None                                                                 # release its activations
         dblocks.append(gb)
     g["blocks"] = dblocks[::-1]
-    dx = dropout_backward(dx, cache["drop"])
-    dx, g["cls_token"], g["pos_embed"] = tokens_backward(dx, cache["tokens"])            # dx (B, Np, D)
+    dx = ops.dropout_backward(dx, cache["drop"])
+    dx, g["cls_token"], g["pos_embed"] = ops.tokens_backward(dx, cache["tokens"])        # dx (B, Np, D)
     return dx, g
 
 
-def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True):
+def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True, reference=None):
     """images: (B, H, W, C) -> logits (B, K), cache.
 
     `train=True` turns dropout and stochastic depth on; their masks come from `rng` (a NumPy Generator) and are
     kept in the cache. Returns `(logits, cache)`; the pooled representation is `cache["pooled"]` and the
     attention probabilities are `attention_probs(cache)`. `keep_cache=False` (inference: predict, evaluate)
     keeps only one block's activations alive at a time; the cache then has the pooled representation but no
-    blocks, and cannot go through vit_backward.
+    blocks, and cannot go through vit_backward. `reference=True` runs the reference layer pairs of layers.py and
+    attention.py instead of their fast twins (None: MINIVIT_REFERENCE decides); vit_backward follows the forward.
     """
     check_images(images, cfg, params["pos_embed"].dtype)
+    ops = layer_ops(reference)
     xp = get_xp(images)
     cache = {}
-    x, cache["patch_embed"] = patch_embed_forward(images, params["patch_embed"]["w"], params["patch_embed"]["b"],
-                                                  cfg.patch_size)                       # (B, Np, D)
-    x, enc_cache = encoder_forward(x, params, cfg, train, rng, keep_cache)              # (B, N, D)
-    cache.update(enc_cache)                                                              # tokens, drop, blocks, norm
+    x, cache["patch_embed"] = ops.patch_embed_forward(images, params["patch_embed"]["w"],
+                                                      params["patch_embed"]["b"], cfg.patch_size)  # (B, Np, D)
+    x, enc_cache = encoder_forward(x, params, cfg, train, rng, keep_cache, reference)   # (B, N, D)
+    cache.update(enc_cache)                                                              # ops, tokens, drop, blocks, norm
     if cfg.pooling == "token":
         pooled = x[:, 0]                                                                 # (B, D) class token
     else:
         pooled = x.mean(axis=1)                                                          # (B, D) mean of patches
     cache["pooled_shape"] = x.shape
     if "pre_logits" in params:
-        h, cache["pre_logits"] = linear_forward(pooled, params["pre_logits"]["w"], params["pre_logits"]["b"])
+        h, cache["pre_logits"] = ops.linear_forward(pooled, params["pre_logits"]["w"], params["pre_logits"]["b"])
         pooled = xp.tanh(h)                                                              # (B, rep)
         cache["pre_logits_tanh"] = pooled
     cache["pooled"] = pooled
-    logits, cache["head"] = linear_forward(pooled, params["head"]["w"], params["head"]["b"])  # (B, K)
+    logits, cache["head"] = ops.linear_forward(pooled, params["head"]["w"], params["head"]["b"])  # (B, K)
     cache["pooling"] = cfg.pooling
     return logits, cache
 
@@ -271,18 +296,19 @@ def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True):
 def head_backward(dlogits, cache):
     """dlogits: (B, K) -> dpooled (B, D), grads {head: {w, b}}: the classifier head's backward alone (what a
     linear probe on a frozen backbone trains; vit_backward goes on from dpooled)."""
-    dpooled, dw, db = linear_backward(dlogits, cache["head"])   # fwd: logits = pooled @ head_w + head_b
+    dpooled, dw, db = cache["ops"].linear_backward(dlogits, cache["head"])   # fwd: logits = pooled @ head_w + head_b
     return dpooled, {"head": {"w": dw, "b": db}}
 
 
 def vit_backward(dlogits, cache):
     """dlogits: (B, K) -> dimages (B, H, W, C), grads (the same tree as params)."""
     xp = get_xp(dlogits)
+    ops = cache["ops"]
     dpooled, grads = head_backward(dlogits, cache)                                      # (B, D)
     if "pre_logits" in cache:
         t = cache["pre_logits_tanh"]
         dh = dpooled * (1.0 - t * t)                                                     # fwd: pooled = tanh(h)
-        dpooled, dw, db = linear_backward(dh, cache["pre_logits"])
+        dpooled, dw, db = ops.linear_backward(dh, cache["pre_logits"])
         grads["pre_logits"] = {"w": dw, "b": db}
     B, N, D = cache["pooled_shape"]
     if cache["pooling"] == "token":
@@ -291,28 +317,21 @@ def vit_backward(dlogits, cache):
     else:
         dx = xp.broadcast_to((dpooled * (1.0 / N))[:, None, :], (B, N, D))              # fwd: pooled = mean(x)
     dx, enc = encoder_backward(dx, cache)                                               # (B, Np, D)
-    dimages, dw, db = patch_embed_backward(dx, cache["patch_embed"])
-    # Assemble in the parameters' own key order, so flatten(grads) lines up with flatten(params).
-    out = {"patch_embed": {"w": dw, "b": db}}
+    grads.update(blocks=enc["blocks"], norm=enc["norm"], pos_embed=enc["pos_embed"])
     if enc["cls_token"] is not None:
-        out["cls_token"] = enc["cls_token"]
-    out["pos_embed"] = enc["pos_embed"]
-    out["blocks"] = enc["blocks"]
-    out["norm"] = enc["norm"]
-    if "pre_logits" in grads:
-        out["pre_logits"] = grads["pre_logits"]
-    out["head"] = grads["head"]
-    return dimages, out
+        grads["cls_token"] = enc["cls_token"]
+    dimages, dw, db = ops.patch_embed_backward(dx, cache["patch_embed"])                # fwd: x = patchify(images) E
+    grads["patch_embed"] = {"w": dw, "b": db}
+    return dimages, grads
 
 
 def attention_probs(cache):
     """The attention probabilities of every layer of a forward pass: a list of L arrays (B, nh, N, N)."""
-    return [c[1][ATTN_PROBS] for c in _block_caches(cache, "attention probabilities (read them before vit_backward)")]
+    return [c.attn.att for c in _block_caches(cache, "attention probabilities (read them before vit_backward)")]
 
 
 def predict(params, cfg, images, batch_size=256):
     """images: (B, H, W, C) float -> class probabilities (B, K) as NumPy, in evaluation mode, batch by batch."""
-    from minivit.backend import to_numpy
     xp = get_xp(params["pos_embed"])
     out = []
     for i in range(0, len(images), batch_size):

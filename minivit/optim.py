@@ -14,8 +14,10 @@ import math
 
 import numpy as np
 
-from minivit.backend import get_xp, gpu_kernel, row_blocks, scratch
-from minivit.tree import flatten, tree_map
+from minivit import fast
+from minivit.backend import get_xp
+from minivit.reference import use_reference
+from minivit.tree import flatten, tree_map, unflatten
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -46,8 +48,10 @@ def optimizer_step(params, grads, state, lr, kind="adamw", beta1=0.9, beta2=0.99
     state["step"] += 1
     t = state["step"]
     p_flat, g_flat, m_flat = flatten(params), flatten(grads), flatten(state["m"])
-    if list(p_flat) != list(g_flat):
-        raise ValueError("gradients do not have the same names as the parameters")
+    if set(p_flat) != set(g_flat):
+        missing, extra = sorted(set(p_flat) - set(g_flat)), sorted(set(g_flat) - set(p_flat))
+        raise ValueError(f"gradients do not have the names of the parameters: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
     decay = decay_mask(params)
     if kind == "sgd":
         for k, p in p_flat.items():
@@ -61,41 +65,26 @@ def optimizer_step(params, grads, state, lr, kind="adamw", beta1=0.9, beta2=0.99
     v_flat = flatten(state["v"])
     c1 = 1.0 - beta1 ** t                                      # bias corrections
     c2 = 1.0 - beta2 ** t
-    step_size = lr / c1
+    update = adam_update if use_reference() else fast.adam_update
     for k, p in p_flat.items():
-        g, m, v = g_flat[k], m_flat[k], v_flat[k]
-        xp = get_xp(p)
         decay_factor = 1.0 - lr * weight_decay if kind == "adamw" and weight_decay and decay[k] else None
-        if p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
-            # the same update on flat row blocks (views: the updates land in p, m, v), on all cores
-            row_blocks(lambda *blk: _adam_rows(*blk, beta1, beta2, eps, c2, step_size, decay_factor),
-                       p.reshape(-1), xp.ascontiguousarray(g).reshape(-1), m.reshape(-1), v.reshape(-1))
-        else:
-            _adam_rows(p, g, m, v, beta1, beta2, eps, c2, step_size, decay_factor)
+        update(p, g_flat[k], m_flat[k], v_flat[k], beta1, beta2, eps, c2, lr / c1, decay_factor)
 
 
-def _adam_rows(p, g, m, v, beta1, beta2, eps, c2, step_size, decay_factor):
-    """The Adam(W) update of one block, in place in p, m, v (one scratch array, no other temporaries)."""
+def adam_update(p, g, m, v, beta1, beta2, eps, c2, step_size, decay_factor=None):
+    """One Adam(W) update of one parameter, in place on p and its moments m, v (the reference; minivit.fast has
+    its twin, which the optimizer runs unless MINIVIT_REFERENCE=1).
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2;   p = p * decay - step m / (sqrt(v / c2) + eps)
+
+    with c2 = 1 - b2^t and step = lr / (1 - b1^t) (the bias corrections), decay = 1 - lr wd (AdamW; None: none).
+    """
     xp = get_xp(p)
-    if xp is not np:                                           # CuPy: the same update as one fused kernel
-        gpu_kernel("adam")(g, beta1, beta2, eps, c2, step_size, 1.0 if decay_factor is None else decay_factor, p, m, v)
-        return
-    tmp = scratch(g)
-    xp.multiply(g, 1.0 - beta1, out=tmp)
-    m *= beta1
-    m += tmp                                                   # m = b1 m + (1 - b1) g
-    xp.multiply(g, g, out=tmp)
-    tmp *= 1.0 - beta2
-    v *= beta2
-    v += tmp                                                   # v = b2 v + (1 - b2) g^2
+    m[...] = beta1 * m + (1.0 - beta1) * g
+    v[...] = beta2 * v + (1.0 - beta2) * (g * g)
     if decay_factor is not None:
-        p *= decay_factor                                      # decoupled decay: p -= lr wd p
-    xp.multiply(v, 1.0 / c2, out=tmp)                          # vhat = v / (1 - b2^t)
-    xp.sqrt(tmp, out=tmp)
-    tmp += eps                                                 # sqrt(vhat) + eps
-    xp.divide(m, tmp, out=tmp)                                 # m / (sqrt(vhat) + eps)
-    tmp *= step_size
-    p -= tmp                                                   # p -= lr mhat / (sqrt(vhat) + eps), mhat = m / c1
+        p *= decay_factor                                      # decoupled weight decay
+    p -= step_size * (m / (xp.sqrt(v * (1.0 / c2)) + eps))
 
 
 def global_norm(grads):
@@ -154,7 +143,6 @@ def state_to_flat(state):
 
 def state_from_flat(flat, params):
     """Inverse of `state_to_flat`, with the moments placed on the parameters' device and dtype."""
-    from minivit.tree import unflatten
     xp = get_xp(next(iter(flatten(params).values())))        # (params may be the head alone: a linear probe)
     state = {"step": int(flat["step"])}
     for key in ("m", "v"):

@@ -65,15 +65,16 @@ def num_params(tree):
 
 
 def same_structure(a, b):
-    """True when two trees have the same dotted names and the same shapes."""
+    """True when two trees have the same dotted names (in any order) and the same shapes."""
     fa, fb = flatten(a), flatten(b)
-    return list(fa) == list(fb) and all(tuple(fa[k].shape) == tuple(fb[k].shape) for k in fa)
+    return set(fa) == set(fb) and all(tuple(fa[k].shape) == tuple(fb[k].shape) for k in fa)
 
 
 def accumulate(total, new):
     """total += new, leaf by leaf, in place (gradient accumulation over micro-batches); total None -> new."""
     if total is None:
         return new
-    for acc, g in zip(flatten(total).values(), flatten(new).values()):
-        acc += g
+    new = flatten(new)
+    for name, acc in flatten(total).items():
+        acc += new[name]                                   # matched by name: the key order may differ
     return total

@@ -36,10 +36,10 @@ def device(request, monkeypatch):
 def install_standin(monkeypatch):
     """Make NumPy stand in for CuPy for one test (undone after it); returns the stand-in module."""
     from fake_cupy import NumpyAsCupy
-    import minivit.backend
+    import minivit.fast.rows
     fake = NumpyAsCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(minivit.backend, "_gpu_kernels", {})
+    monkeypatch.setattr(minivit.fast.rows, "_gpu_kernels", {})
     return fake
 
 

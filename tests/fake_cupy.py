@@ -18,13 +18,13 @@ import types
 
 import numpy as np
 
-import minivit.backend as backend
+from minivit.fast.rows import GPU_SOURCES
 
 
 def run_gpu_source(name, **arrays):
     """Evaluate the body of GPU kernel `name` with NumPy: the CUDA statements are plain arithmetic, so dropping the
     (T) casts and the `T` declarations leaves Python. Returns the output variables."""
-    params, outs, body = backend._GPU_SOURCES[name]
+    params, outs, body = GPU_SOURCES[name]
     env = {"tanh": np.tanh, "sqrt": np.sqrt, **arrays}
     for decl in outs.split(","):
         env.setdefault(decl.split()[-1], None)

@@ -47,22 +47,22 @@ def test_cpu_helpers_are_numpy():
 
 
 def test_set_threads_validates_and_sets(monkeypatch):
-    from minivit import backend
+    from minivit import threads
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(backend, "_threads", None)
-    before = backend._openblas()[1]() if backend._openblas() else None
+    monkeypatch.setattr(threads, "_threads", None)
+    libs = threads.blas_controllers()
+    before = [lib.get_num_threads() for lib in libs]
     try:
-        backend.set_threads(1)
-        assert backend.num_threads() == 1 and backend.os.environ["OPENBLAS_NUM_THREADS"] == "1"
-        if before is not None:
-            assert backend._openblas()[1]() == 1
+        assert threads.set_threads(1) is bool(libs)
+        assert threads.num_threads() == 1 and threads.os.environ["OPENBLAS_NUM_THREADS"] == "1"
+        assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
     finally:
-        if before is not None:
-            backend._openblas()[0](before)
-        backend.set_num_threads(None)
+        for lib, n in zip(libs, before):
+            lib.set_num_threads(n)
+        threads.set_num_threads(None)
     with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
-        backend.set_threads(0)
+        threads.set_threads(0)
 
 
 def test_every_array_routine_the_package_calls_exists_in_cupy():

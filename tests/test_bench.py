@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-import minivit.attention
-import minivit.layers
+import minivit.fast.attention
+import minivit.fast.layers
 from minivit.bench import (CASES, MinivitRunner, Profiler, _shapes_flops, format_table, gemm_floor, main,
                            matmul_flops, matmul_peak, matmul_shapes, run_case)
 from minivit.config import get_config
@@ -23,15 +23,15 @@ CONFIGS = [("test", {}), ("test", {"pooling": "gap"}), ("test", {"representation
 def record_products(monkeypatch, cfg, batch, train):
     """Run a real step with the package's matmul wrapped; return its products as matmul_shapes' tuples (no names)."""
     seen = []
-    real = minivit.layers.matmul
+    real = minivit.fast.layers.matmul
 
     def recording(a, b, out=None):
         bd = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
         seen.append((bd, a.shape[-2], a.shape[-1], b.shape[-1],
                      a.strides[-1] != a.itemsize, b.strides[-1] != b.itemsize))   # transposed views
         return real(a, b, out=out)
-    monkeypatch.setattr(minivit.layers, "matmul", recording)
-    monkeypatch.setattr(minivit.attention, "matmul", recording)
+    monkeypatch.setattr(minivit.fast.layers, "matmul", recording)
+    monkeypatch.setattr(minivit.fast.attention, "matmul", recording)
     params = init_params(cfg, seed=0)
     x = np.random.default_rng(0).standard_normal((batch,) + cfg.image_hw + (cfg.channels,)).astype(np.float32)
     logits, cache = vit_forward(params, x, cfg, train=train)

@@ -4,10 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from minivit.attention import ATTN_PROBS, attention_backward, attention_forward
+from minivit.attention import attention_backward, attention_forward
 from minivit.config import get_config
 from minivit.gradcheck import gradcheck
-from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward, erf,
+from minivit.erf import erf
+from minivit.layers import (drop_path_backward, drop_path_forward, dropout_backward, dropout_forward,
                             gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
                             linear_forward, patch_embed_backward, patch_embed_forward, patchify, softmax_backward,
                             softmax_forward, tokens_backward, tokens_forward, unpatchify)
@@ -212,11 +213,11 @@ def test_attention_matches_per_head_loop():
             s = q @ k.T / math.sqrt(hs)
             a = np.exp(s - s.max(1, keepdims=True))
             a /= a.sum(1, keepdims=True)
-            np.testing.assert_allclose(cache[ATTN_PROBS][b, h], a, rtol=1e-12)
+            np.testing.assert_allclose(cache.att[b, h], a, rtol=1e-12)
             heads.append(a @ v)
         ref[b] = np.concatenate(heads, axis=1) @ inp["proj_w"] + inp["proj_b"]
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(cache[ATTN_PROBS].sum(-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(cache.att.sum(-1), 1.0, rtol=1e-12)
 
 
 def random_params(cfg, seed=0):

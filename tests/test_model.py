@@ -48,7 +48,6 @@ def test_grads_mirror_params_and_dx_shape():
     dx, grads = vit_backward(np.ones_like(logits), cache)
     assert dx.shape == x.shape
     assert same_structure(grads, params)
-    assert list(flatten(grads)) == list(flatten(params))
 
 
 PINNED = {  # the original code's tests (1000 classes, 224x224)

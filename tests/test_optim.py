@@ -106,3 +106,20 @@ def test_float32_update_stays_float32():
     optimizer_step(p, g, state, lr=1e-3, weight_decay=0.1)
     assert all(v.dtype == np.float32 for v in flatten(p).values())
     assert all(v.dtype == np.float32 for v in flatten(state["v"]).values())
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_update_matches_gradients_by_name_not_by_order(kind):
+    """vit_backward builds its gradient tree in backward order (head first); the optimizer must pair each gradient
+    with its parameter by name: a reversed gradient dict gives the identical update."""
+    p1, p2, g = tiny_tree(0), tiny_tree(0), tiny_tree(1)
+    g_reversed = dict(reversed(list(g.items())))
+    assert list(g_reversed) != list(p1)
+    s1, s2 = optimizer_init(p1, kind), optimizer_init(p2, kind)
+    for _ in range(2):
+        optimizer_step(p1, g, s1, 1e-2, kind=kind, weight_decay=0.1)
+        optimizer_step(p2, g_reversed, s2, 1e-2, kind=kind, weight_decay=0.1)
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k])
+    with pytest.raises(ValueError, match=r"missing \['w'\]"):
+        optimizer_step(p1, {k: v for k, v in g.items() if k != "w"}, s1, 1e-2, kind=kind)
