@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivit.backend import get_xp, to_numpy
+from minivit.backend import get_xp, to_device, to_numpy
+from minivit.loss import cross_entropy_backward, cross_entropy_forward
+from minivit.model import init_params, vit_backward, vit_forward
+from minivit.tree import flatten, unflatten
 
 
 @dataclass
@@ -83,18 +86,15 @@ def gradcheck(forward, backward, inputs, eps=1e-5, max_coords=64, seed=0):
 
 
 def gradcheck_model(cfg, seed=0, batch=2, train=False, eps=1e-5, max_coords=32, device=None,
-                    perturb_params=True, labels=True):
+                    perturb_params=True, labels=True, reference=None):
     """Whole-ViT gradient check on float64 parameters and images; returns [GradcheckResult] (input first).
 
     Parameters are randomized (non-trivial LayerNorm weights, non-zero head and biases), since an all-ones
     LayerNorm weight or a zero head can hide a wrong backward. With `train=True` dropout and stochastic depth are
     on under a fixed mask (the same seeded generator on every forward). With `labels=True` the checked function
-    is the cross-entropy loss, so the loss backward is checked too; else the logits.
+    is the cross-entropy loss, so the loss backward is checked too; else the logits. `reference=True` checks the
+    model on the reference layer pairs (None: MINIVIT_REFERENCE decides, as in vit_forward).
     """
-    from minivit.backend import to_device
-    from minivit.loss import cross_entropy_backward, cross_entropy_forward
-    from minivit.model import init_params, vit_backward, vit_forward
-    from minivit.tree import flatten, unflatten
 
     rng = np.random.default_rng(seed)
     params = flatten(init_params(cfg, seed=seed, dtype=np.float64))
@@ -110,7 +110,7 @@ def gradcheck_model(cfg, seed=0, batch=2, train=False, eps=1e-5, max_coords=32, 
     def forward_full(inp):
         p = unflatten({k: v for k, v in inp.items() if k != "images"})
         mask_rng = np.random.default_rng(seed + 1) if train else None
-        logits, cache = vit_forward(p, inp["images"], cfg, train=train, rng=mask_rng)
+        logits, cache = vit_forward(p, inp["images"], cfg, train=train, rng=mask_rng, reference=reference)
         if labels:
             loss, ce_cache = cross_entropy_forward(logits, y, smoothing)
             return loss, (cache, ce_cache)
