@@ -15,7 +15,7 @@ to their location in the original image" (minivit.resample, minivit.finetune.res
 The class token's embedding has no location: it is kept as it is. Every row of R sums to 1.
 Then the head: "we remove the pre-trained prediction head and attach a zero-initialized D x K feedforward
 layer" (new_head). All logits start at 0, so every class gets probability 1/K and the loss is log K.
-Fine-tuning recipe (the paper, minivit.finetune.FINETUNE_DEFAULTS): SGD with momentum 0.9, no weight decay,
+Fine-tuning recipe (the paper, minivit.recipes.FINETUNE_DEFAULTS): SGD with momentum 0.9, no weight decay,
 clipping at global norm 1, a short warmup and cosine decay, lr 0.01.
 Note: train() updates the parameter arrays in place, and resize_model shares every array but pos_embed with its
 input, so the lesson copies the base model before each fine-tuning run.
@@ -48,11 +48,13 @@ from PIL import Image
 
 from minivit.checkpoint import load_checkpoint
 from minivit.data import load_dataset, normalize
-from minivit.finetune import FINETUNE_DEFAULTS, new_head, prepare_finetune, resize_model
+from minivit.finetune import new_head, prepare_finetune, resize_model
 from minivit.model import predict
 from minivit.plot import heatmap, line_plot, save_png, tile_grid
+from minivit.recipes import FINETUNE_DEFAULTS
 from minivit.resample import interpolation_matrix
-from minivit.train import TrainConfig, evaluate, train
+from minivit.tasks import evaluate
+from minivit.train import TrainConfig, train
 from minivit.tree import tree_map
 
 

@@ -24,6 +24,8 @@ set of a seed contains its 1-shot set. Accuracy is averaged over seeds (0, 1, 2 
 """
 import numpy as np
 
+from minivit.checkpoint import load_checkpoint
+from minivit.data.checkpoint_data import dataset_for_checkpoint, normalizer_from_meta
 from minivit.inference import run_batched
 from minivit.layers import patch_embed_forward
 from minivit.model import encoder_forward, vit_forward
@@ -177,12 +179,9 @@ def run_fewshot(checkpoint_path, dataset=None, data_dir=None, shots=DEFAULT_SHOT
     """Load a minivit checkpoint and return its few-shot table (rows as fewshot_eval's) on `dataset` (default:
     the data set it was trained on; shapes: n_train / n_test images, default 20000 / 2000). `seeds` is a count
     (seeds 0 .. seeds-1) or a list. `data`: an already loaded Dataset instead."""
-    from minivit.checkpoint import load_checkpoint
-    from minivit.train import normalizer_from_meta
     params, cfg, meta = load_checkpoint(checkpoint_path, device=device)
     data_meta = meta.get("data", {})
     if data is None:
-        from minivit.train import dataset_for_checkpoint
         data = dataset_for_checkpoint(data_meta, dataset, data_dir, cfg.image_hw[0], n_train, n_test)
     seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
     return fewshot_model(params, cfg, data, normalizer_from_meta(data_meta), tuple(shots), seeds, l2, batch_size,
