@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minivit.checkpoint import load_checkpoint
-from minivit.data import load_dataset, normalize
+from minivit.data import load_dataset, normalizer
 from minivit.fewshot import BIAS_CONSTANT, DEFAULT_L2, STD_EPS, extract_features, fewshot_fit, fewshot_model, \
     select_shots
 from minivit.model import init_params
@@ -59,10 +59,7 @@ from minivit.recipes import run_pretrain_mpp
 from minivit.train import TrainConfig
 
 MARK = {MASK: (30, 90, 230), RANDOM: (255, 150, 0), KEEP: (40, 180, 60)}     # border colours in the picture
-
-
-def norm_fn(x):
-    return normalize(x, "minus_one_one")
+norm_fn = normalizer("minus_one_one")
 
 
 def colour_classes_naive(x, P):

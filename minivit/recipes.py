@@ -1,7 +1,9 @@
-"""Runs built on minivit.train.train: fine-tuning a checkpoint and masked patch prediction pre-training.
+"""Runs built on minivit.train.train: fine-tuning a checkpoint, masked patch prediction pre-training, and the
+base model the lessons share.
 
     result = run_finetune(params, cfg, meta, {"image_size": 48}, source="runs/a/last.npz")   # `minivit finetune`
     result = run_pretrain_mpp(TrainConfig(dataset="shapes", epochs=5))                       # `minivit pretrain-mpp`
+    params, cfg, source = lesson_base_model(out_dir, quick)        # lesson 10's model, or its recipe run again
 
 Each is a recipe: settings and a task handed to `train`, which does the rest (progress, logs, atomic checkpoints,
 exact resume).
@@ -9,6 +11,7 @@ exact resume).
 from pathlib import Path
 
 from minivit.checkpoint import CheckpointError, load_checkpoint
+from minivit.data import load_dataset
 from minivit.data.checkpoint_data import dataset_for_checkpoint, recorded_data_dir
 from minivit.finetune import prepare_finetune
 from minivit.tasks import MPPTask, task_from_meta
@@ -76,3 +79,25 @@ def run_pretrain_mpp(tc=None, mask_rate=0.5, replace_rates=(0.8, 0.1, 0.1), bits
     meta_extra = dict(train_kwargs.pop("meta_extra", None) or {}, mpp=task.settings())
     return train(tc, resume=resume, task=task, meta_extra=meta_extra, **train_kwargs)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lessons' base model.
+
+LESSON_MODEL = dict(patch_size=8, width=64, depth=3, heads=4, mlp_dim=128)   # overrides of 'shapes-small'
+
+
+def lesson_base_model(out_dir, quick, seed=0, epochs=None, run_name="base_run"):
+    """-> (params, cfg, source): lesson 10's final weights if its run is in out_dir (<out_dir>/10_run/last.npz),
+    else a shorter run of lesson 10's recipe trained here, into <out_dir>/<run_name> (epochs: default 2 quick, 4
+    else); `source` says which, in words."""
+    ckpt = Path(out_dir) / "10_run" / "last.npz"
+    if ckpt.exists():
+        params, cfg, _ = load_checkpoint(ckpt)
+        return params, cfg, f"lesson 10's model ({ckpt})"
+    n_train, n_test, batch = (400, 200, 32) if quick else (5000, 500, 64)
+    epochs = epochs or (2 if quick else 4)
+    ds = load_dataset("shapes", n_train=n_train, n_test=n_test, image_size=32, progress=not quick)
+    tc = TrainConfig(dataset="shapes", model="shapes-small", epochs=epochs, batch_size=batch, lr=2e-3, seed=seed,
+                     model_overrides=dict(LESSON_MODEL), out=str(Path(out_dir) / run_name))
+    r = train(tc, data=ds, progress=False, log=None)
+    return r.params, r.cfg, f"a model trained here ({epochs} epochs; run lesson 10 first to use its model)"
