@@ -27,6 +27,15 @@ from minivit.recipes import PRETRAIN_DEFAULTS, run_finetune, run_pretrain_mpp
 from minivit.tasks import evaluate
 from minivit.train import TrainConfig, TrainingInterrupted, format_figure, train
 
+REFERENCE_HELP = ("run the model on the reference layer pairs of layers.py/attention.py instead of the fast twins "
+                  "(slower; same results to rounding)")
+
+
+def _use_reference(args):
+    """--reference: MINIVIT_REFERENCE=1 before any work, so the model runs the reference pairs (minivit.model)."""
+    if getattr(args, "reference", False):
+        os.environ["MINIVIT_REFERENCE"] = "1"
+
 
 def cmd_gradcheck(args):
     """Whole-model gradient check: one row per tensor, exit status 1 on any failure."""
@@ -302,6 +311,7 @@ def add_data_args(p):
 def add_runtime_args(p):
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: $MINIVIT_DEVICE or cpu")
     p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own choice)")
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
 
 
 def add_optim_args(p, sgd_default=False):
@@ -377,6 +387,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="array backend (default: $MINIVIT_DEVICE or cpu)")
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     p.set_defaults(func=cmd_gradcheck)
 
     fmt = _HelpFormatter
@@ -520,6 +531,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    _use_reference(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:
