@@ -56,22 +56,18 @@ def evaluate(params, cfg, images, labels, normalize_fn, batch_size=500, num_clas
     K = num_classes or cfg.num_classes
 
     def score(x, batch):
+        y = labels[batch]                                                                  # (b,) host
         logits, _ = vit_forward(params, x, cfg, keep_cache=False)                        # (b, K)
-        loss, _ = cross_entropy_forward(logits, labels[batch])
-        return logits.argmax(axis=1), loss
+        loss, _ = cross_entropy_forward(logits, y)
+        return y, logits.argmax(axis=1), loss
 
     confusion = np.zeros((K, K), dtype=np.int64)
     total_loss = 0.0
-    for batch, (pred, loss) in zip(_slices(len(images), batch_size),
-                                   run_batched(score, images, params, batch_size, normalize_fn)):
-        total_loss += float(loss) * len(pred)
-        np.add.at(confusion, (labels[batch], pred), 1)
+    for y, pred, loss in run_batched(score, images, params, batch_size, normalize_fn):
+        total_loss += float(loss) * len(y)
+        np.add.at(confusion, (y, pred), 1)
     n = max(1, len(images))
     return {"accuracy": float(np.trace(confusion)) / n, "loss": total_loss / n, "confusion": confusion}
-
-
-def _slices(n, batch_size):
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def classification_loss_and_grads(params, cfg, x, targets, smoothing=0.0, accum_steps=1, seed=0, step=0,

@@ -416,6 +416,19 @@ class RunFolder:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Run the epochs.
 
+@dataclass
+class EpochSums:
+    """The running sums of the epoch in progress (saved in every checkpoint, so a resume mid-epoch goes on)."""
+    seen: int = 0                       # training images
+    correct: int = 0                    # correct predictions (of classes, or of MPP colours)
+    counted: int = 0                    # predictions made
+    loss_sum: float = 0.0               # sum over the updates of the batch's mean loss times its images
+
+    def to_dict(self):
+        return {"seen": int(self.seen), "correct": int(self.correct), "counted": int(self.counted),
+                "loss_sum": float(self.loss_sum)}
+
+
 def _batch(run, tc, order, batch, step, xp):
     """Update `step`'s batch: images augmented, normalized and moved to the device, labels, mixup's soft targets."""
     ds, aug = run.ds, run.aug
@@ -430,6 +443,22 @@ def _batch(run, tc, order, batch, step, xp):
     return xp.asarray(x, dtype=run.params["pos_embed"].dtype), y, soft
 
 
+def _update(run, tc, task, x, y, soft, step, where):
+    """One update: loss and gradients, clipping, the optimizer step -> (loss, correct, counted, grad norm, lr).
+    A non-finite loss raises TrainingError before the weights change; `where` () -> the words naming the update."""
+    loss, grads, n_correct, n_counted = task.loss_and_grads(
+        run.params, run.cfg, x, y, soft, smoothing=tc.label_smoothing, accum_steps=tc.accum_steps, seed=tc.seed,
+        step=step, freeze_backbone=tc.freeze_backbone)
+    if not math.isfinite(loss):
+        raise TrainingError(f"the loss became {loss} at update {step + 1} {where()}. Try a lower --lr or "
+                            f"--clip-norm 1.")
+    gnorm = clip_by_global_norm(grads, tc.clip_norm)
+    lr = lr_at(step + 1, tc.lr, run.total_steps, run.warmup, tc.schedule, tc.min_lr)
+    optimizer_step(run.trainable, grads, run.opt_state, lr, kind=tc.optimizer, beta1=tc.beta1, beta2=tc.beta2,
+                   weight_decay=tc.weight_decay, momentum=tc.momentum)
+    return loss, n_correct, n_counted, gnorm, lr
+
+
 def run_epochs(start, run, progress=True, log=print, on_step=None):
     """The updates from start.progress to the end (or tc.max_steps), an evaluation, a log line and checkpoints
     after each epoch -> TrainResult. Ctrl-C saves last.npz and raises TrainingInterrupted."""
@@ -439,20 +468,25 @@ def run_epochs(start, run, progress=True, log=print, on_step=None):
     history, best = start.history, start.best
     step, epoch, batch = start.progress["step"], start.progress["epoch"], start.progress["batch"]
     # the running sums of the epoch in progress: a run resumed mid-epoch goes on with the saved ones
-    resumed_sums = dict(start.progress.get("epoch_sums") or {}) if batch else {}
-    gnorm = None
+    resumed = EpochSums(**start.progress.get("epoch_sums") or {}) if batch else EpochSums()
+    sums = gnorm = None
     last_good = dict(start.resumed_from) if start.resumed_from is not None else {"path": None, "step": None}
 
     def save(name, metrics=None):
-        sums = {"seen": int(seen), "correct": int(correct), "counted": int(counted), "loss_sum": float(loss_sum)}
         meta = {"task": task.name, "train": tc.to_dict(),
-                "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed, "epoch_sums": sums},
+                "progress": {"step": step, "epoch": epoch, "batch": batch, "seed": tc.seed,
+                             "epoch_sums": sums.to_dict()},
                 "data": run.data_meta, "metrics": dict(metrics or {}, best_accuracy=best)}
         meta.update(start.meta_extra)
         path = folder.save(name, params, cfg, run.opt_state, meta)
         if name == "last":
             last_good.update(path=str(path), step=step)
         return path
+
+    def where():
+        good = (f"the last good checkpoint is {last_good['path']} (update {last_good['step']})"
+                if last_good["path"] else "no checkpoint was written yet")
+        return f"(epoch {epoch + 1}, batch {batch + 1}); {good}"
 
     t_start = time.perf_counter()
     test_acc = history[-1]["test_acc"] if history and "test_acc" in history[-1] else float("nan")
@@ -461,9 +495,8 @@ def run_epochs(start, run, progress=True, log=print, on_step=None):
             order = np.random.default_rng([tc.seed, 0, epoch]).permutation(n)   # (n,) shuffle of this epoch
             bar = tqdm(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        leave=True, dynamic_ncols=True, disable=not progress) if progress else None
-            seen, correct, counted = (resumed_sums.pop(k, 0) for k in ("seen", "correct", "counted"))
-            loss_sum = float(resumed_sums.pop("loss_sum", 0.0))
-            seen_before = seen                            # images of this epoch before a resume (not timed here)
+            sums, resumed = resumed, EpochSums()          # (only the first epoch after a resume has sums so far)
+            seen_before = sums.seen                       # images of this epoch before a resume (not timed here)
             step_before = step
             t_epoch = time.perf_counter()
             while batch < steps_per_epoch:
@@ -477,32 +510,22 @@ def run_epochs(start, run, progress=True, log=print, on_step=None):
                 if tc.max_steps and step >= tc.max_steps:
                     break
                 x, y, soft = _batch(run, tc, order, batch, step, xp)
-                loss, grads, n_correct, n_counted = task.loss_and_grads(
-                    params, cfg, x, y, soft, smoothing=tc.label_smoothing, accum_steps=tc.accum_steps, seed=tc.seed,
-                    step=step, freeze_backbone=tc.freeze_backbone)
-                if not math.isfinite(loss):
-                    where = (f"the last good checkpoint is {last_good['path']} (update {last_good['step']})"
-                             if last_good["path"] else "no checkpoint was written yet")
-                    raise TrainingError(f"the loss became {loss} at update {step + 1} (epoch {epoch + 1}, batch "
-                                        f"{batch + 1}); {where}. Try a lower --lr or --clip-norm 1.")
-                gnorm = clip_by_global_norm(grads, tc.clip_norm)
-                lr = lr_at(step + 1, tc.lr, run.total_steps, run.warmup, tc.schedule, tc.min_lr)
-                optimizer_step(run.trainable, grads, run.opt_state, lr, kind=tc.optimizer, beta1=tc.beta1,
-                               beta2=tc.beta2, weight_decay=tc.weight_decay, momentum=tc.momentum)
+                loss, n_correct, n_counted, gnorm, lr = _update(run, tc, task, x, y, soft, step, where)
                 step += 1
                 batch += 1
-                correct += n_correct
-                counted += n_counted
-                seen += len(y)
-                loss_sum += loss * len(y)
+                sums.correct += n_correct
+                sums.counted += n_counted
+                sums.seen += len(y)
+                sums.loss_sum += loss * len(y)
                 if on_step is not None:
                     on_step(step, loss, params)
                 if tc.save_every and step % tc.save_every == 0:
                     save("last")
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / max(counted, 1):.3f}", lr=f"{lr:.2e}",
-                                    img_s=f"{(seen - seen_before) / (time.perf_counter() - t_epoch):.0f}",
+                    bar.set_postfix(loss=f"{sums.loss_sum / sums.seen:.3f}",
+                                    acc=f"{sums.correct / max(sums.counted, 1):.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{(sums.seen - seen_before) / (time.perf_counter() - t_epoch):.0f}",
                                     refresh=False)
             if bar:
                 bar.close()
@@ -511,10 +534,10 @@ def run_epochs(start, run, progress=True, log=print, on_step=None):
                 break
             entry = {"epoch": epoch + 1, "step": step, "lr": lr_at(max(step, 1), tc.lr, run.total_steps, run.warmup,
                                                                      tc.schedule, tc.min_lr),
-                     "train_loss": loss_sum / seen if seen else None,
-                     "train_acc": correct / counted if counted else None,
+                     "train_loss": sums.loss_sum / sums.seen if sums.seen else None,
+                     "train_acc": sums.correct / sums.counted if sums.counted else None,
                      "grad_norm": float(gnorm) if gnorm is not None else None,
-                     "images_per_s": (seen - seen_before) / max(time.perf_counter() - t_epoch, 1e-9),
+                     "images_per_s": (sums.seen - seen_before) / max(time.perf_counter() - t_epoch, 1e-9),
                      "time": time.perf_counter() - t_start}
             if not finished:
                 entry["partial"] = True           # stopped inside the epoch (--max-steps); its full line follows
