@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from minivit.data import load_dataset
-from minivit.finetune import FINETUNE_DEFAULTS, prepare_finetune
+from minivit.finetune import prepare_finetune
+from minivit.recipes import FINETUNE_DEFAULTS
 from minivit.train import TrainConfig, train
 
 VARIANTS = [("continue-32", 32, "linear"), ("ft-48 linear", 48, "linear"), ("ft-64 linear", 64, "linear"),
@@ -47,12 +48,11 @@ def run(seeds=(0, 1, 2), n_train=4000, n_test=2000, base_epochs=4, extra_steps=1
         rows["base-32"].append((base.test_accuracy, time.perf_counter() - t))
         for name, size, method in VARIANTS:
             params, cfg = prepare_finetune(base.params, base.cfg, size, method=method, seed=seed)
-            tc = TrainConfig(dataset="shapes", epochs=1000, max_steps=extra_steps, batch_size=batch_size,
-                             seed=seed, warmup_steps=extra_steps // 10, out=f"{out}/seed{seed}/{name.replace(' ', '-')}",
-                             **{k: v for k, v in FINETUNE_DEFAULTS.items() if k not in ("epochs", "batch_size")})
-            tc.lr = ft_lr
             # the schedule spans exactly the extra budget: epochs chosen so that max_steps is the whole run
-            tc.epochs = -(-extra_steps * batch_size // n_train)
+            recipe = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in ("epochs", "batch_size", "lr")}
+            tc = TrainConfig(dataset="shapes", epochs=-(-extra_steps * batch_size // n_train), max_steps=extra_steps,
+                             batch_size=batch_size, lr=ft_lr, seed=seed, warmup_steps=extra_steps // 10,
+                             out=f"{out}/seed{seed}/{name.replace(' ', '-')}", **recipe)
             t = time.perf_counter()
             r = train(tc, params=params, cfg=cfg, data=data[size], progress=not quiet, log=None)
             rows[name].append((r.test_accuracy, time.perf_counter() - t))

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from minivit.checkpoint import load_checkpoint
+from minivit.data import Dataset, load_dataset, normalize
+from minivit.fewshot import fewshot_model
+from minivit.finetune import prepare_finetune
+from minivit.model import init_params
+from minivit.recipes import run_pretrain_mpp
 from minivit.threads import set_threads
+from minivit.train import TrainConfig, resolve_model, train
 
 
 def main():
@@ -58,14 +65,6 @@ def main():
                     help="only re-score the checkpoints of an earlier run (both representations)")
     args = ap.parse_args()
     set_threads(args.threads)
-
-    from minivit.checkpoint import load_checkpoint
-    from minivit.data import Dataset, load_dataset, normalize
-    from minivit.fewshot import fewshot_model
-    from minivit.finetune import prepare_finetune
-    from minivit.model import init_params
-    from minivit.mpp import run_pretrain_mpp
-    from minivit.train import TrainConfig, resolve_model, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

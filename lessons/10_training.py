@@ -48,9 +48,11 @@ from minivit.config import count_params
 from minivit.data import load_dataset, normalize
 from minivit.model import predict
 from minivit.plot import INK, font, heatmap, line_plot, save_png, tile_grid
-from minivit.train import TrainConfig, evaluate, train
+from minivit.recipes import LESSON_MODEL
+from minivit.tasks import evaluate
+from minivit.train import TrainConfig, train
 
-MODEL = dict(patch_size=8, width=64, depth=3, heads=4, mlp_dim=128)   # overrides of the 'shapes-small' config
+MODEL = LESSON_MODEL   # overrides of the 'shapes-small' config: patch 8, width 64, 3 blocks, 4 heads, MLP 128
 
 
 def run_dir_of(out_dir, quick):

@@ -15,7 +15,7 @@ to their location in the original image" (minivit.resample, minivit.finetune.res
 The class token's embedding has no location: it is kept as it is. Every row of R sums to 1.
 Then the head: "we remove the pre-trained prediction head and attach a zero-initialized D x K feedforward
 layer" (new_head). All logits start at 0, so every class gets probability 1/K and the loss is log K.
-Fine-tuning recipe (the paper, minivit.finetune.FINETUNE_DEFAULTS): SGD with momentum 0.9, no weight decay,
+Fine-tuning recipe (the paper, minivit.recipes.FINETUNE_DEFAULTS): SGD with momentum 0.9, no weight decay,
 clipping at global norm 1, a short warmup and cosine decay, lr 0.01.
 Note: train() updates the parameter arrays in place, and resize_model shares every array but pos_embed with its
 input, so the lesson copies the base model before each fine-tuning run.
@@ -46,33 +46,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minivit.checkpoint import load_checkpoint
-from minivit.data import load_dataset, normalize
-from minivit.finetune import FINETUNE_DEFAULTS, new_head, prepare_finetune, resize_model
+from minivit.data import load_dataset, normalizer
+from minivit.finetune import new_head, prepare_finetune, resize_model
 from minivit.model import predict
 from minivit.plot import heatmap, line_plot, save_png, tile_grid
+from minivit.recipes import FINETUNE_DEFAULTS, lesson_base_model
 from minivit.resample import interpolation_matrix
-from minivit.train import TrainConfig, evaluate, train
+from minivit.tasks import evaluate
+from minivit.train import TrainConfig, train
 from minivit.tree import tree_map
 
-
-def norm_fn(x):
-    return normalize(x, "minus_one_one")
-
-
-def base_model(out_dir, quick, seed):
-    """Lesson 10's final weights if its run is in out_dir, else a shorter run of lesson 10's recipe here."""
-    ckpt = Path(out_dir) / "10_run" / "last.npz"
-    if ckpt.exists():
-        params, cfg, _ = load_checkpoint(ckpt)
-        return params, cfg, f"lesson 10's model ({ckpt})"
-    n_train, n_test, epochs, batch = (400, 200, 1, 32) if quick else (5000, 500, 3, 64)
-    ds = load_dataset("shapes", n_train=n_train, n_test=n_test, image_size=32, progress=not quick)
-    tc = TrainConfig(dataset="shapes", model="shapes-small", epochs=epochs, batch_size=batch, lr=2e-3, seed=seed,
-                     model_overrides=dict(patch_size=8, width=64, depth=3, heads=4, mlp_dim=128),
-                     out=str(Path(out_dir) / "11_base_run"))
-    r = train(tc, data=ds, progress=False, log=None)
-    return r.params, r.cfg, f"a base model trained here ({epochs} epochs; run lesson 10 first to use its model)"
+norm_fn = normalizer("minus_one_one")
 
 
 def pos_maps(pos_embed, grid, comps, mean):
@@ -106,7 +90,7 @@ def main(quick=False, seed=0, out_dir=None):
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "out"
     out = {}
-    params, cfg, source = base_model(out_dir, quick, seed)
+    params, cfg, source = lesson_base_model(out_dir, quick, seed, epochs=1 if quick else 3, run_name="11_base_run")
     n_train, n_test, epochs, batch = (400, 200, 1, 32) if quick else (5000, 500, 2, 64)
     ds32 = load_dataset("shapes", n_train=n_train, n_test=n_test, image_size=32, progress=not quick)
     ds48 = load_dataset("shapes", n_train=n_train, n_test=n_test, image_size=48, progress=False)

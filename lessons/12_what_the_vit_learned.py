@@ -46,30 +46,12 @@ from pathlib import Path
 import numpy as np
 
 from minivit.analysis import attention_rollout_matrix, embedding_filters, patch_distances, pos_embed_similarity
-from minivit.checkpoint import load_checkpoint
-from minivit.data import load_dataset, normalize
+from minivit.data import load_dataset, normalizer
 from minivit.figures import inspect_model, run_attention
 from minivit.model import init_params
-from minivit.train import TrainConfig, train
+from minivit.recipes import lesson_base_model
 
-
-def norm_fn(x):
-    return normalize(x, "minus_one_one")
-
-
-def trained_model(out_dir, quick, seed):
-    """Lesson 10's final weights if its run is in out_dir, else lesson 10's recipe (shorter) run here."""
-    ckpt = Path(out_dir) / "10_run" / "last.npz"
-    if ckpt.exists():
-        params, cfg, _ = load_checkpoint(ckpt)
-        return params, cfg, f"lesson 10's model ({ckpt})"
-    n_train, epochs, batch = (400, 2, 32) if quick else (5000, 4, 64)
-    ds = load_dataset("shapes", n_train=n_train, n_test=200 if quick else 500, image_size=32, progress=not quick)
-    tc = TrainConfig(dataset="shapes", model="shapes-small", epochs=epochs, batch_size=batch, lr=2e-3, seed=seed,
-                     model_overrides=dict(patch_size=8, width=64, depth=3, heads=4, mlp_dim=128),
-                     out=str(Path(out_dir) / "12_run"))
-    r = train(tc, data=ds, progress=False, log=None)
-    return r.params, r.cfg, f"a model trained here ({epochs} epochs; run lesson 10 first to use its model)"
+norm_fn = normalizer("minus_one_one")
 
 
 def neighbour_contrast(sim):
@@ -85,7 +67,7 @@ def main(quick=False, seed=0, out_dir=None):
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "out"
     out = {}
-    params, cfg, source = trained_model(out_dir, quick, seed)
+    params, cfg, source = lesson_base_model(out_dir, quick, seed, epochs=2 if quick else 4, run_name="12_run")
     ds = load_dataset("shapes", n_train=400 if quick else 5000, n_test=200 if quick else 500, image_size=32,
                       progress=False)
     images = ds.test_images[:32 if quick else 128]                     # the paper averages over 128 images

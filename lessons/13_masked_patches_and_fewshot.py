@@ -14,7 +14,7 @@ Masked patch prediction (minivit.mpp), BERT for images:
             pixels + 1) / 2, q = min(floor(8 v), 7) per channel, class = 64 q_r + 8 q_g + q_b  (512 classes)
     loss = cross-entropy over the corrupted patches only
 To predict a hidden patch's colour the model has to look at the visible patches around it. No labels are used.
-The same training loop as lesson 10 runs it: train(..., task=MPPTask()) (minivit.mpp.run_pretrain_mpp).
+The same training loop as lesson 10 runs it: train(..., task=MPPTask()) (minivit.recipes.run_pretrain_mpp).
 
 The few-shot probe (minivit.fewshot, as the authors' released evaluator): freeze the model, take the class
 token's output X (n, D) for `shots` labelled images per class, standardize it, append a constant 100 (the bias),
@@ -48,20 +48,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minivit.checkpoint import load_checkpoint
-from minivit.data import load_dataset, normalize
+from minivit.data import load_dataset, normalizer
 from minivit.fewshot import BIAS_CONSTANT, DEFAULT_L2, STD_EPS, extract_features, fewshot_fit, fewshot_model, \
     select_shots
 from minivit.model import init_params
 from minivit.mpp import KEEP, MASK, RANDOM, corrupt_forward, draw_corruption, mean_colour_classes, num_corrupted, \
-    run_pretrain_mpp, strip_mpp
+    strip_mpp
 from minivit.plot import INK, font, line_plot, save_png
+from minivit.recipes import run_pretrain_mpp
 from minivit.train import TrainConfig
 
 MARK = {MASK: (30, 90, 230), RANDOM: (255, 150, 0), KEEP: (40, 180, 60)}     # border colours in the picture
-
-
-def norm_fn(x):
-    return normalize(x, "minus_one_one")
+norm_fn = normalizer("minus_one_one")
 
 
 def colour_classes_naive(x, P):

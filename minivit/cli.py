@@ -6,15 +6,40 @@ and the command functions call the package. Model code never prints; this module
 import argparse
 import os
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
+
+from minivit.backend import get_backend, to_device, tune_allocator
+from minivit.bench import add_bench_arguments, run_bench
+from minivit.checkpoint import load_checkpoint
+from minivit.config import get_config
+from minivit.data import download
+from minivit.data.checkpoint_data import dataset_for_checkpoint, normalizer_from_meta
+from minivit.fewshot import fewshot_model, format_table
+from minivit.figures import ANALYSES, inspect_model
+from minivit.finetune import resize_model
+from minivit.gradcheck import gradcheck_model
+from minivit.inference import load_image_files, predict_files, read_labels
+from minivit.pretrained import checkpoint_format, load_pretrained
+from minivit.recipes import PRETRAIN_DEFAULTS, run_finetune, run_pretrain_mpp
+from minivit.tasks import evaluate
+from minivit.threads import set_threads
+from minivit.train import TrainConfig, TrainingInterrupted, format_figure, train
+
+REFERENCE_HELP = ("run the model on the reference layer pairs of layers.py/attention.py instead of the fast twins "
+                  "(slower; same results to rounding)")
+
+
+def _use_reference(args):
+    """--reference: MINIVIT_REFERENCE=1 before any work, so the model runs the reference pairs (minivit.model)."""
+    if getattr(args, "reference", False):
+        os.environ["MINIVIT_REFERENCE"] = "1"
 
 
 def cmd_gradcheck(args):
     """Whole-model gradient check: one row per tensor, exit status 1 on any failure."""
-    from minivit.config import get_config
-    from minivit.gradcheck import gradcheck_model
-
     cfg = get_config(args.config, pooling=args.pooling, gelu=args.gelu)
     if args.dropout:
         cfg = cfg.replace(dropout=0.1, attn_dropout=0.1, drop_path=0.1)
@@ -39,31 +64,32 @@ def cmd_gradcheck(args):
 # ----------------------------------------------------------------------------------------------------------------
 # train / eval / predict / download
 
-def _train_config(args):
-    """TrainConfig from parsed flags (None where a flag was not given: per-data-set defaults apply)."""
-    from minivit.train import TrainConfig
+def _train_settings(args):
+    """The TrainConfig fields the flags give (those not given are left out: per-data-set defaults apply)."""
     over = {k: getattr(args, k) for k in ("width", "depth", "heads", "mlp_dim", "patch_size", "pooling", "gelu",
                                            "dropout", "attn_dropout", "drop_path") if getattr(args, k) is not None}
     keys = [f for f in TrainConfig.__dataclass_fields__ if f != "model_overrides"]
     kw = {k: getattr(args, k) for k in keys if hasattr(args, k) and getattr(args, k) is not None}
-    return TrainConfig(model_overrides=over, **kw)
+    return dict(model_overrides=over, **kw)
+
+
+def _train_config(args):
+    """TrainConfig from parsed flags (None where a flag was not given: per-data-set defaults apply)."""
+    return TrainConfig(**_train_settings(args))
 
 
 def _setup_runtime(args):
-    from minivit.backend import tune_allocator
-    from minivit.threads import set_threads
     tune_allocator()                  # keep freed memory in the process (glibc only; a no-op elsewhere)
     if getattr(args, "threads", None):
         set_threads(args.threads)
-    from minivit.backend import get_backend
     get_backend(args.device)          # fails early, with the install hint, if the GPU is asked for but unusable
 
 
-def _run_training(args, **kw):
-    from minivit.train import TrainingInterrupted, format_figure, train
+def _run_training(args, run=None):
+    """Run `run()` (default: train with the flags' settings) and print its outcome; Ctrl-C: exit status 130."""
     _setup_runtime(args)
     try:
-        result = train(_train_config(args), resume=args.resume, progress=not args.quiet, **kw)
+        result = run() if run else train(_train_config(args), resume=args.resume, progress=not args.quiet)
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
@@ -85,9 +111,6 @@ def _load_any(path, device=None):
     A minivit checkpoint is an .npz with a 'meta' entry; any other .npz is read in the original ViT layout
     (minivit.pretrained), whose weights expect pixels in [-1, 1].
     """
-    from minivit.backend import to_device
-    from minivit.checkpoint import load_checkpoint
-    from minivit.pretrained import checkpoint_format, load_pretrained
     if checkpoint_format(path) == "npz" and "meta" in read_npz_keys(path):
         return load_checkpoint(path, device=device)
     loaded = load_pretrained(path)
@@ -111,7 +134,6 @@ def _check_channels(ds, cfg):
 
 def read_npz_keys(path):
     """The entry names of an .npz archive, without reading the arrays."""
-    import zipfile
     try:
         with zipfile.ZipFile(path) as z:
             return {n[:-4] if n.endswith(".npy") else n for n in z.namelist()}
@@ -122,13 +144,11 @@ def read_npz_keys(path):
 def _at_image_size(params, cfg, size, method):
     if not size or tuple(cfg.image_hw) == (size, size):
         return params, cfg
-    from minivit.finetune import resize_model
     return resize_model(params, cfg, size, method)
 
 
 def cmd_eval(args):
     """Accuracy and a per-class confusion summary of a checkpoint on a data set's test split."""
-    from minivit.train import dataset_for_checkpoint, evaluate, normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     _refuse_pretraining_head(meta, args.checkpoint, "eval")
@@ -162,8 +182,6 @@ def cmd_eval(args):
 
 def cmd_predict(args):
     """Top-k classes with probabilities for image files."""
-    from minivit.inference import predict_files
-    from minivit.train import normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     _refuse_pretraining_head(meta, args.checkpoint, "predict")
@@ -171,7 +189,6 @@ def cmd_predict(args):
     data_meta = meta.get("data", {})
     classes = data_meta.get("classes")
     if args.labels:
-        from minivit.inference import read_labels
         classes = read_labels(args.labels, cfg.num_classes)
     for path, top in predict_files(params, cfg, args.images, normalizer_from_meta(data_meta), classes, args.top_k):
         print(path)
@@ -182,58 +199,28 @@ def cmd_predict(args):
 
 def cmd_finetune(args):
     """Fine-tune a checkpoint at a new resolution with the paper's recipe (SGD + momentum, cosine, clipping)."""
-    from minivit.finetune import FINETUNE_DEFAULTS, prepare_finetune
     if args.resume:
         return _run_training(args)
     if not args.from_:
         raise ValueError("finetune needs --from CHECKPOINT (or --resume RUN_DIR)")
-    from pathlib import Path
     if args.out and Path(args.out).resolve() == Path(args.from_).resolve().parent:
         raise ValueError(f"--out {args.out} is the folder of the checkpoint to fine-tune from: the fine-tuning run "
                          f"would replace it; choose another --out")
     params, cfg, meta = _load_any(args.from_)
-    data_meta = meta.get("data", {})
-    if args.dataset is None:
-        args.dataset = data_meta.get("dataset", "shapes")
-    for k, v in FINETUNE_DEFAULTS.items():          # the paper's recipe unless a flag says otherwise
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.normalize is None and data_meta.get("normalize"):
-        args.normalize = data_meta["normalize"]
-    from minivit.train import dataset_for_checkpoint, recorded_data_dir
-    size = args.image_size or cfg.image_hw[0]
-    ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, size, args.n_train, args.n_test)
-    # the run records the data it really read (its resume and eval read them again)
-    args.data_dir = args.data_dir or recorded_data_dir(data_meta, args.dataset)
-    if ds.name == "shapes":
-        args.n_train, args.n_test = len(ds.train_images), len(ds.test_images)
-    num_classes = args.num_classes or ds.num_classes
-    if num_classes != ds.num_classes:
-        raise ValueError(f"--num-classes {num_classes} but {args.dataset} has {ds.num_classes} classes")
-    new_head = args.new_head or meta.get("task") == "mpp" or num_classes != cfg.num_classes
-    params, cfg = prepare_finetune(params, cfg, size, num_classes, args.resample, args.new_head, args.seed or 0)
-    print(f"fine-tuning {args.from_} at {size}x{size} (grid {cfg.grid[0]}x{cfg.grid[1]}, position embeddings "
-          f"{'re-initialized' if args.resample == 'none' else 'resampled ' + args.resample}), "
-          f"{'new zero head, ' if new_head else ''}"
-          f"{'backbone frozen' if args.freeze_backbone else 'all weights trained'}")
-    return _run_training(args, params=params, cfg=cfg, data=ds,
-                         meta_extra={"finetuned_from": str(args.from_), "resample": args.resample})
+    return _run_training(args, lambda: run_finetune(params, cfg, meta, _train_settings(args), args.from_,
+                                                    args.num_classes, args.resample, args.new_head,
+                                                    progress=not args.quiet))
 
 
 def cmd_inspect(args):
     """The paper's analysis figures for a checkpoint, as PNG files."""
-    from pathlib import Path
-    from minivit.figures import ANALYSES, inspect_model
-    from minivit.train import normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     data_meta = meta.get("data", {})
     if args.image:
-        from minivit.inference import load_image_files
         images = load_image_files(args.image, cfg.image_hw, cfg.channels)
         source = f"{len(images)} image file(s)"
     else:
-        from minivit.train import dataset_for_checkpoint
         ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train,
                                     args.n_test)
         _check_channels(ds, cfg)
@@ -255,15 +242,11 @@ def cmd_inspect(args):
 
 def cmd_pretrain_mpp(args):
     """Masked patch prediction pre-training (the paper's section 4.6) with the training loop's machinery."""
-    from minivit.mpp import PRETRAIN_DEFAULTS, run_pretrain_mpp
-    from minivit.train import TrainingInterrupted
-    for k, v in PRETRAIN_DEFAULTS.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
     rates = tuple(float(r) for r in args.replace_rates.split(","))
     _setup_runtime(args)
     try:
-        result = run_pretrain_mpp(_train_config(args), args.mask_rate, rates, args.colour_bits, resume=args.resume,
+        tc = TrainConfig(**{**PRETRAIN_DEFAULTS, **_train_settings(args)})
+        result = run_pretrain_mpp(tc, args.mask_rate, rates, args.colour_bits, resume=args.resume,
                                   progress=not args.quiet)
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
@@ -276,8 +259,6 @@ def cmd_pretrain_mpp(args):
 
 def cmd_fewshot(args):
     """Few-shot linear evaluation of frozen features (closed-form regularized least squares, as big_vision)."""
-    from minivit.fewshot import fewshot_model, format_table
-    from minivit.train import dataset_for_checkpoint, normalizer_from_meta
     _setup_runtime(args)
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     data_meta = meta.get("data", {})
@@ -293,13 +274,11 @@ def cmd_fewshot(args):
 
 def cmd_bench(args):
     """The benchmark (minivit/bench.py): step times against the GEMM floor, the matmul peak and PyTorch eager."""
-    from minivit.bench import run_bench
     return run_bench(args)
 
 
 def cmd_download(args):
     """Fetch an official data set archive and verify its pinned SHA-256."""
-    from minivit.data import download
     folder = download(args.name, data_dir=args.data_dir, progress=not args.quiet)
     print(f"{args.name}: verified files in {folder}")
     return 0
@@ -333,6 +312,7 @@ def add_data_args(p):
 def add_runtime_args(p):
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: $MINIVIT_DEVICE or cpu")
     p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own choice)")
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
 
 
 def add_optim_args(p, sgd_default=False):
@@ -408,6 +388,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="array backend (default: $MINIVIT_DEVICE or cpu)")
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     p.set_defaults(func=cmd_gradcheck)
 
     fmt = _HelpFormatter
@@ -535,7 +516,6 @@ def build_parser():
                                    "in PyTorch eager with the same weights. The formulas and how to get stable "
                                    "numbers: `python -c 'import minivit.bench; help(minivit.bench)'` and README.",
                        formatter_class=fmt)
-    from minivit.bench import add_bench_arguments
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
@@ -552,6 +532,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    _use_reference(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:

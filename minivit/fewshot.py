@@ -24,10 +24,11 @@ set of a seed contains its 1-shot set. Accuracy is averaged over seeds (0, 1, 2 
 """
 import numpy as np
 
-from minivit.backend import get_xp, to_numpy
+from minivit.checkpoint import load_checkpoint
+from minivit.data.checkpoint_data import dataset_for_checkpoint, normalizer_from_meta
+from minivit.inference import run_batched
 from minivit.layers import patch_embed_forward
-from minivit.model import vit_forward
-from minivit.model import encoder_forward
+from minivit.model import encoder_forward, vit_forward
 
 BIAS_CONSTANT = 100.0   # big_vision fewshot_lsr: a large constant bias feature, so the bias is barely regularized
 STD_EPS = 1e-5          # big_vision fewshot_lsr: std + 1e-5, so a constant feature does not divide by zero
@@ -56,18 +57,16 @@ def extract_features(params, cfg, images, normalize_fn, batch_size=500, represen
     """
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
-    xp = get_xp(params["pos_embed"])
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = xp.asarray(normalize_fn(images[i:i + batch_size]), dtype=params["pos_embed"].dtype)
+
+    def features(x, batch):
         if representation == "pooled":
             _, cache = vit_forward(params, x, cfg, keep_cache=False)
-            feats = cache["pooled"]                                             # (b, F)
-        else:
-            e, _ = patch_embed_forward(x, params["patch_embed"]["w"], params["patch_embed"]["b"], cfg.patch_size)
-            y, _ = encoder_forward(e, params, cfg, keep_cache=False)                            # (b, N, D)
-            feats = y[:, cfg.n_prefix:].mean(axis=1)                            # (b, D)
-        out.append(np.asarray(to_numpy(feats), dtype=np.float64))
+            return cache["pooled"]                                              # (b, F)
+        e, _ = patch_embed_forward(x, params["patch_embed"]["w"], params["patch_embed"]["b"], cfg.patch_size)
+        y, _ = encoder_forward(e, params, cfg, keep_cache=False)                # (b, N, D)
+        return y[:, cfg.n_prefix:].mean(axis=1)                                 # (b, D)
+
+    out = [np.asarray(f, dtype=np.float64) for f in run_batched(features, images, params, batch_size, normalize_fn)]
     return np.concatenate(out) if out else np.zeros((0, feature_width(cfg, representation)))
 
 
@@ -180,12 +179,9 @@ def run_fewshot(checkpoint_path, dataset=None, data_dir=None, shots=DEFAULT_SHOT
     """Load a minivit checkpoint and return its few-shot table (rows as fewshot_eval's) on `dataset` (default:
     the data set it was trained on; shapes: n_train / n_test images, default 20000 / 2000). `seeds` is a count
     (seeds 0 .. seeds-1) or a list. `data`: an already loaded Dataset instead."""
-    from minivit.checkpoint import load_checkpoint
-    from minivit.train import normalizer_from_meta
     params, cfg, meta = load_checkpoint(checkpoint_path, device=device)
     data_meta = meta.get("data", {})
     if data is None:
-        from minivit.train import dataset_for_checkpoint
         data = dataset_for_checkpoint(data_meta, dataset, data_dir, cfg.image_hw[0], n_train, n_test)
     seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
     return fewshot_model(params, cfg, data, normalizer_from_meta(data_meta), tuple(shots), seeds, l2, batch_size,

@@ -14,6 +14,7 @@ import numpy as np
 
 from minivit import analysis, plot
 from minivit.backend import to_numpy
+from minivit.inference import run_batched
 from minivit.model import attention_probs, vit_forward
 
 ANALYSES = ("filters", "posemb", "distance", "rollout", "maps")
@@ -21,15 +22,8 @@ ANALYSES = ("filters", "posemb", "distance", "rollout", "maps")
 
 def run_attention(params, cfg, images, batch_size=64):
     """images: float (B, H, W, C) -> list over layers of host arrays (B, nh, N, N), in evaluation mode."""
-    from minivit.backend import get_xp
-    xp = get_xp(params["pos_embed"])
-    layers = None
-    for i in range(0, len(images), batch_size):
-        x = xp.asarray(images[i:i + batch_size], dtype=params["pos_embed"].dtype)
-        _, cache = vit_forward(params, x, cfg)
-        probs = [to_numpy(a) for a in attention_probs(cache)]
-        layers = probs if layers is None else [np.concatenate([a, b]) for a, b in zip(layers, probs)]
-    return layers
+    batches = run_batched(lambda x, _: attention_probs(vit_forward(params, x, cfg)[1]), images, params, batch_size)
+    return [np.concatenate(layer) for layer in zip(*batches)] if batches else None
 
 
 def inspect_model(params, cfg, images_uint8, normalize_fn, out_dir, analyses=ANALYSES, max_overlays=8):

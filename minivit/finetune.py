@@ -3,8 +3,9 @@
 Keep the patch size, raise the resolution, so the sequence grows: a 32x32 image with 4x4 patches is an 8x8 grid,
 at 48x48 a 12x12 grid. The learned position embeddings are resized by 2D interpolation "according to their
 location in the original image" (minivit.resample), the head is replaced by a zero-initialized one when the
-classes change, and everything else is kept. The paper fine-tunes with SGD + momentum 0.9, no weight decay,
-gradient clipping at global norm 1, a short warmup and cosine decay (FINETUNE_DEFAULTS).
+classes change, and everything else is kept. These are pure functions of (params, cfg); the fine-tuning run
+itself, with the paper's recipe (SGD + momentum 0.9, no weight decay, gradient clipping at global norm 1, a short
+warmup and cosine decay), is minivit.recipes.run_finetune (FINETUNE_DEFAULTS there).
 
 `resampled_forward` / `resampled_backward` run a model whose position embeddings are stored at one grid on
 images of another size, with the resize inside the forward pass and its transpose in the backward pass, so a
@@ -14,11 +15,9 @@ import numpy as np
 
 from minivit.backend import get_xp
 from minivit.model import vit_backward, vit_forward
+from minivit.mpp import MPP_PARAMS, strip_mpp
 from minivit.resample import METHODS, resample_pos_embed, resample_pos_embed_backward, resample_pos_embed_forward
 
-# The paper's fine-tuning recipe (section 3.2 and appendix B.1.1), scaled to a small CPU run.
-FINETUNE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, clip_norm=1.0, schedule="cosine",
-                         lr=0.01, label_smoothing=0.0, epochs=3, batch_size=128)
 RESAMPLE_CHOICES = METHODS + ("none",)   # 'none': no interpolation, freshly initialized position embeddings
 
 
@@ -60,8 +59,7 @@ def prepare_finetune(params, cfg, image_size=None, num_classes=None, method="lin
     """Resize the position embeddings (when image_size differs) and replace the head (when the classes change
     or fresh_head). Returns (params, cfg) ready for `minivit.train.train(params=..., cfg=...)`.
     A masked patch prediction checkpoint loses its mask_token and mpp_head and gets a zero head (minivit.mpp)."""
-    if "mask_token" in params or "mpp_head" in params:
-        from minivit.mpp import strip_mpp
+    if any(k in params for k in MPP_PARAMS):
         params, fresh_head = strip_mpp(params), True
     if image_size:
         params, cfg = resize_model(params, cfg, image_size, method, seed)

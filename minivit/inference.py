@@ -1,4 +1,7 @@
-"""Running a trained model on image files.
+"""Running a trained model: batch by batch over many images (`run_batched`), and on image files.
+
+    outs = run_batched(lambda x, batch: vit_forward(params, x, cfg, keep_cache=False)[0], images, params,
+                       normalize_fn=normalize_fn)          # [logits of each batch], host arrays
 
 Resize policy (also in `minivit predict --help`): every image is converted to the model's channels (RGB, or
 gray 'L' for 1-channel models) and resized as a whole to the model's input size with Pillow's bilinear filter
@@ -10,7 +13,26 @@ from pathlib import Path
 
 import numpy as np
 
+from minivit.backend import get_xp, to_numpy
 from minivit.model import predict
+
+
+def run_batched(fn, images, params, batch_size=500, normalize_fn=None):
+    """-> [fn(x, batch) of every batch, on the host], in evaluation order: the one loop of every evaluation.
+
+    images: (n, H, W, C), uint8 when normalize_fn is given (else already float). For each batch of `batch_size`
+    images, batch = slice(i, i + b) is its place in `images` (to pick its labels, or seed its draws) and
+    x = normalize_fn(images[batch]) is moved to the device and dtype of params["pos_embed"]. What fn returns (an
+    array, a tuple / list / dict of them, or plain numbers) comes back with every array copied to the host.
+    """
+    like = params["pos_embed"]
+    xp = get_xp(like)
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = slice(i, min(i + batch_size, len(images)))
+        x = images[batch] if normalize_fn is None else normalize_fn(images[batch])
+        out.append(to_numpy(fn(xp.asarray(x, dtype=like.dtype), batch)))                # (b, H, W, C) on device
+    return out
 
 
 def load_image_files(paths, image_hw, channels):

@@ -13,10 +13,9 @@ minivit.fast (fused, row-blocked twins) unless MINIVIT_REFERENCE=1 or reference=
 pairs of layers.py and attention.py (minivit.reference): the same math, the same results to rounding.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
-
-from typing import NamedTuple
 
 from minivit import fast                                  # the layer pairs the model runs: the fast twins ...
 from minivit import reference as reference_ops            # ... or, with MINIVIT_REFERENCE=1, the reference pairs

@@ -31,7 +31,8 @@ A random replacement copies the source patch's clean embedding (the one before c
 is itself corrupted. The corruption is drawn on the host from a NumPy generator, like dropout masks
 (`draw_corruption`), so CPU and GPU runs and resumed runs corrupt the same patches.
 
-`MPPTask` plugs the objective into minivit.train's loop (progress bar, logs, atomic checkpoints, exact resume):
+This module is the objective alone. minivit.tasks.MPPTask trains it in minivit.train's loop (progress bar, logs,
+atomic checkpoints, exact resume), and minivit.recipes.run_pretrain_mpp is the pre-training run:
 
     result = run_pretrain_mpp(TrainConfig(dataset="shapes", epochs=5, label_smoothing=0.0))
     params = strip_mpp(result.params)        # then minivit.finetune.prepare_finetune / train as usual
@@ -45,10 +46,7 @@ from minivit.backend import get_xp, to_numpy
 from minivit.layers import linear_backward, linear_forward, patch_embed_backward, patch_embed_forward, patchify
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import check_images, encoder_backward, encoder_forward
-from minivit.tree import accumulate
 
-# Training settings `minivit pretrain-mpp` uses unless a flag says otherwise: no label smoothing of colour targets.
-PRETRAIN_DEFAULTS = dict(label_smoothing=0.0)
 MPP_PARAMS = ("mask_token", "mpp_head")    # the parameters pre-training adds to a ViT (dropped for fine-tuning)
 MASK, RANDOM, KEEP = 0, 1, 2               # what happens to a corrupted patch (Corruption.kind)
 
@@ -257,105 +255,3 @@ def add_mpp_params(params, cfg, seed=0, bits=3):
 def strip_mpp(params):
     """-> params without mask_token and mpp_head: a plain ViT (the arrays are shared, not copied)."""
     return {k: v for k, v in params.items() if k not in MPP_PARAMS}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training-loop task (see minivit.train.ClassificationTask for the interface).
-
-class MPPTask:
-    """Masked patch prediction for minivit.train.train(task=...): name "mpp".
-
-    The corruption of micro-batch m of update t is drawn from np.random.default_rng([seed, 3, t, m]) (a stream of
-    its own beside shuffling, augmentation and dropout), so a resumed run corrupts exactly the same patches.
-    Evaluation corrupts the test images with a fixed generator, so every epoch is scored on the same task.
-    The classification labels of the data are not used; mixup's soft targets are ignored (the colour targets are
-    read off the (mixed) pixels).
-    """
-    name = "mpp"
-
-    def __init__(self, mask_rate=0.5, replace_rates=(0.8, 0.1, 0.1), bits=3, eval_seed=0):
-        self.replace_rates = check_rates(mask_rate, replace_rates)
-        self.mask_rate = float(mask_rate)
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in [1, 8], got {bits!r}")
-        self.bits = bits
-        self.eval_seed = eval_seed
-
-    def settings(self):
-        """What a checkpoint stores under meta["mpp"] to rebuild this task (MPPTask(**settings))."""
-        return {"mask_rate": self.mask_rate, "replace_rates": list(self.replace_rates), "bits": self.bits}
-
-    def prepare(self, params, cfg, seed):
-        return add_mpp_params(params, cfg, seed, self.bits)
-
-    def _corruption(self, B, cfg, rng):
-        return draw_corruption(B, cfg.num_patches, rng, self.mask_rate, self.replace_rates)
-
-    def loss_and_grads(self, params, cfg, x, y, tc, step, soft_targets=None):
-        """-> (mean loss over the corrupted patches, grads, correctly predicted colours, corrupted patches)."""
-        if tc.freeze_backbone:
-            raise ValueError("masked patch prediction trains the whole model; freeze_backbone is not supported")
-        if tc.normalize != "minus_one_one":
-            raise ValueError(f"masked patch prediction's colour targets are defined on [-1, 1] pixels: use "
-                             f"normalize='minus_one_one', not {tc.normalize!r}")
-        B = x.shape[0]
-        micro = B // tc.accum_steps
-        total_loss, grads, correct, counted = 0.0, None, 0, 0
-        for m in range(tc.accum_steps):
-            xm = x[m * micro:(m + 1) * micro]                                            # (micro, H, W, C)
-            corruption = self._corruption(micro, cfg, np.random.default_rng([tc.seed, 3, step, m]))
-            targets = mpp_targets(xm, cfg.patch_size, corruption, self.bits)             # (S,) host
-            loss, logits, cache = mpp_loss_forward(params, xm, cfg, corruption, targets, train=True,
-                                                   rng=np.random.default_rng([tc.seed, 2, step, m]),
-                                                   smoothing=tc.label_smoothing)
-            _, g = mpp_loss_backward(cache, micro / B)     # every image has n_c targets: the mean over the batch
-            grads = accumulate(grads, g)                                                  # sum over micro-batches
-            total_loss += float(loss) * micro / B
-            correct += int((to_numpy(logits.argmax(axis=1)) == targets).sum())
-            counted += len(targets)
-        return total_loss, grads, correct, counted
-
-    def evaluate(self, params, cfg, images, labels, normalize_fn, batch_size=500):
-        """uint8 images -> {"accuracy": colour accuracy on the corrupted patches, "loss": their mean loss,
-        "patches": how many were scored}. The classification labels are not used."""
-        xp = get_xp(params["pos_embed"])
-        total_loss, correct, counted = 0.0, 0, 0
-        for i in range(0, len(images), batch_size):
-            x = xp.asarray(normalize_fn(images[i:i + batch_size]), dtype=params["pos_embed"].dtype)
-            corruption = self._corruption(len(x), cfg, np.random.default_rng([self.eval_seed, 4, i]))
-            targets = mpp_targets(x, cfg.patch_size, corruption, self.bits)
-            loss, logits, _ = mpp_loss_forward(params, x, cfg, corruption, targets)
-            total_loss += float(loss) * len(targets)
-            correct += int((to_numpy(logits.argmax(axis=1)) == targets).sum())
-            counted += len(targets)
-        n = max(counted, 1)
-        return {"accuracy": correct / n, "loss": total_loss / n, "patches": counted}
-
-
-def task_from_meta(meta):
-    """The MPPTask a checkpoint was trained with (its meta["mpp"]), or None for other tasks."""
-    if meta.get("task") != "mpp":
-        return None
-    return MPPTask(**meta.get("mpp", {}))
-
-
-def run_pretrain_mpp(tc=None, mask_rate=0.5, replace_rates=(0.8, 0.1, 0.1), bits=3, resume=None, **train_kwargs):
-    """Masked patch prediction pre-training with minivit.train.train -> TrainResult (`minivit pretrain-mpp`).
-
-    Checkpoints get meta["task"] = "mpp" and meta["mpp"] = the rates; they hold mask_token and mpp_head beside
-    the ViT's parameters. `resume` continues such a run with the rates stored in its checkpoint.
-    """
-    from pathlib import Path
-
-    from minivit.train import train
-    task = MPPTask(mask_rate, replace_rates, bits)
-    if resume is not None:
-        from minivit.checkpoint import CheckpointError, load_checkpoint
-        ckpt = Path(resume)
-        ckpt = ckpt / "last.npz" if ckpt.is_dir() else ckpt
-        _, _, meta = load_checkpoint(ckpt)
-        task = task_from_meta(meta)
-        if task is None:
-            raise CheckpointError(f"{ckpt} is not a masked patch prediction run (task {meta.get('task')!r})")
-    meta_extra = dict(train_kwargs.pop("meta_extra", None) or {}, mpp=task.settings())
-    return train(tc, resume=resume, task=task, meta_extra=meta_extra, **train_kwargs)

@@ -3,6 +3,7 @@ the embedded shapes data, what it prints and what it writes, and the one-line er
 The workflow runs twice: on the CPU, and with --device gpu where NumPy stands in for CuPy (tests/fake_cupy.py),
 which runs every command's GPU lines without a GPU."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -204,3 +205,28 @@ def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
         raise BrokenPipeError(32, "Broken pipe")            # what print() raises once `| head` has exited
     monkeypatch.setattr(minivit.cli, "cmd_gradcheck", cut_off)
     assert cli(capsys, "gradcheck") == (141, "", "")
+
+
+def test_reference_flag_sets_the_switch_before_any_work(monkeypatch, capsys):
+    """--reference sets MINIVIT_REFERENCE=1 (minivit.model then runs the reference layer pairs) before the command
+    runs, on every command that runs the model; without the flag the variable is left alone."""
+    seen = []
+
+    def record(args):
+        seen.append((args.command, os.environ.get("MINIVIT_REFERENCE")))
+        return 0
+    for name in ("gradcheck", "train", "eval", "predict", "finetune", "inspect", "pretrain_mpp", "fewshot"):
+        monkeypatch.setattr(minivit.cli, f"cmd_{name}", record)
+    commands = [["gradcheck"], ["train"], ["eval", "ck.npz"], ["predict", "ck.npz", "a.png"], ["finetune"],
+                ["inspect", "ck.npz"], ["pretrain-mpp"], ["fewshot", "ck.npz"]]
+    before = os.environ.pop("MINIVIT_REFERENCE", None)
+    try:
+        assert cli(capsys, "train")[0] == 0 and seen[-1] == ("train", None)
+        for argv in commands:
+            os.environ.pop("MINIVIT_REFERENCE", None)
+            assert cli(capsys, *argv, "--reference")[0] == 0
+            assert seen[-1] == (argv[0], "1"), argv
+    finally:
+        os.environ.pop("MINIVIT_REFERENCE", None)
+        if before is not None:
+            os.environ["MINIVIT_REFERENCE"] = before

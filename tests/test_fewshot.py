@@ -10,7 +10,7 @@ from minivit.fewshot import (BIAS_CONSTANT, extract_features, fewshot_eval, fews
                              format_table, run_fewshot, select_shots, standardize)
 from minivit.model import init_params, vit_forward
 from minivit.mpp import add_mpp_params
-from minivit.train import normalizer_from_meta
+from minivit.data.checkpoint_data import normalizer_from_meta
 
 
 @pytest.mark.parametrize("n,F", [(40, 6), (8, 20)])       # n >= F + 1 and n < F + 1: both normal equations

@@ -10,9 +10,11 @@ from minivit.data.dataset import Dataset
 from minivit.finetune import prepare_finetune
 from minivit.gradcheck import gradcheck
 from minivit.model import init_params
-from minivit.mpp import (KEEP, MASK, RANDOM, Corruption, MPPTask, add_mpp_params, corrupt_forward, draw_corruption,
+from minivit.mpp import (KEEP, MASK, RANDOM, Corruption, add_mpp_params, corrupt_forward, draw_corruption,
                          mean_colour_classes, mpp_backward, mpp_forward, mpp_loss_backward, mpp_loss_forward,
-                         mpp_targets, num_colour_classes, run_pretrain_mpp, strip_mpp)
+                         mpp_targets, num_colour_classes, strip_mpp)
+from minivit.recipes import run_pretrain_mpp
+from minivit.tasks import MPPTask
 from minivit.train import TrainConfig, train
 from minivit.tree import flatten, same_structure, unflatten
 

@@ -19,8 +19,8 @@ from .formats import (FASHION_MNIST_CLASSES, IDX_FILES, MNIST_CLASSES, RESIZE_FI
                       read_idx_images, read_idx_labels, restricted_loads, write_idx)
 from .paths import default_data_dir
 from .transforms import (DATASET_STATS, DEFAULT_AUGMENT, Augment, augment_batch, compute_stats, crop_at,
-                         dataset_stats, default_augment, mixup, normalize, one_hot, pad_images, random_affine,
-                         random_crop, random_flip, resize_images, shuffled_batches, warp_affine)
+                         dataset_stats, default_augment, mixup, normalize, normalizer, one_hot, pad_images,
+                         random_affine, random_crop, random_flip, resize_images, shuffled_batches, warp_affine)
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "cifar100")  # plus "folder:PATH"
 
@@ -131,7 +131,7 @@ __all__ = [
     "load_mnist_folder", "load_cifar", "load_cifar10", "load_cifar100", "parse_cifar_batch", "restricted_loads",
     "RestrictedUnpickler", "load_image_folder", "MNIST_CLASSES", "FASHION_MNIST_CLASSES",
     # transforms
-    "normalize", "compute_stats", "dataset_stats", "DATASET_STATS", "pad_images", "crop_at", "random_crop",
+    "normalize", "normalizer", "compute_stats", "dataset_stats", "DATASET_STATS", "pad_images", "crop_at", "random_crop",
     "random_flip", "warp_affine", "random_affine", "one_hot", "mixup", "resize_images", "shuffled_batches",
     "Augment", "DEFAULT_AUGMENT", "default_augment", "augment_batch",
 ]

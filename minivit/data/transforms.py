@@ -97,7 +97,13 @@ def normalize(images, mode="minus_one_one", mean=None, std=None):
     return y
 
 
+def normalizer(mode="minus_one_one", mean=None, std=None):
+    """-> the function images -> normalize(images, mode, mean, std): a run's (or a checkpoint's) pixel pipeline."""
+    return lambda images: normalize(images, mode, mean, std)
+
+
 # ----------------------------------------------------------------------------------------- crops, flips, resize
+
 
 def pad_images(images, pad, mode="constant"):
     """(B, H, W, C) -> (B, H + 2p, W + 2p, C), padded with zeros ('constant'), a mirror ('reflect') or 'edge'."""
