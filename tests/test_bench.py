@@ -7,8 +7,13 @@ import pytest
 
 import minivit.attention
 import minivit.layers
-from minivit.bench import (CASES, MinivitRunner, Profiler, _shapes_flops, format_table, gemm_floor, main,
-                           matmul_flops, matmul_peak, matmul_shapes, run_case)
+from minivit.bench import main
+from minivit.bench.cases import CASES, matmul_flops, matmul_shapes, shapes_flops
+from minivit.bench.floor import gemm_floor, matmul_peak
+from minivit.bench.profiler import Profiler
+from minivit.bench.report import format_table
+from minivit.bench.runner import MinivitRunner
+from minivit.bench.timing import run_case
 from minivit.config import get_config
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
@@ -47,7 +52,7 @@ def test_flop_formula_matches_the_products_a_step_runs(monkeypatch, name, overri
     cfg = get_config(name, **overrides)
     batch = 3
     shapes = matmul_shapes(cfg, batch, train)
-    assert _shapes_flops(shapes) == matmul_flops(cfg, batch, train)          # the formula = the list
+    assert shapes_flops(shapes) == matmul_flops(cfg, batch, train)           # the formula = the list
     real = record_products(monkeypatch, cfg, batch, train)
     listed = [s[1:] for s in shapes]
     assert sorted(real) == sorted(listed)                                    # the list = what really runs
