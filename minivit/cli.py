@@ -228,7 +228,7 @@ def cmd_inspect(args):
     params, cfg, meta = _load_any(args.checkpoint, args.device)
     data_meta = meta.get("data", {})
     if args.image:
-        from minivit.inference import load_image_files
+        from minivit.data.images import load_image_files
         images = load_image_files(args.image, cfg.image_hw, cfg.channels)
         source = f"{len(images)} image file(s)"
     else:

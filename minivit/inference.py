@@ -4,32 +4,14 @@ Resize policy (also in `minivit predict --help`): every image is converted to th
 gray 'L' for 1-channel models) and resized as a whole to the model's input size with Pillow's bilinear filter
 (antialiased when shrinking), without cropping and without keeping the aspect ratio, as the original ViT
 evaluation pipeline resizes straight to the crop size. Pixels are then normalized as the checkpoint's training
-data were (default: to [-1, 1]).
+data were (default: to [-1, 1]). The loader is minivit.data.images.
 """
 from pathlib import Path
 
 import numpy as np
 
+from minivit.data.images import load_image_files
 from minivit.model import predict
-
-
-def load_image_files(paths, image_hw, channels):
-    """Image files -> uint8 (N, H, W, C), each resized to `image_hw` as described above."""
-    from PIL import Image, UnidentifiedImageError
-    H, W = image_hw
-    out = np.empty((len(paths), H, W, channels), dtype=np.uint8)              # (N, H, W, C)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                im = im.resize((W, H), Image.BILINEAR, reducing_gap=None)
-                a = np.asarray(im)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
-        out[i] = a.reshape(H, W, channels)
-    return out
 
 
 def predict_files(params, cfg, paths, normalize_fn, classes=None, top_k=5):
