@@ -43,8 +43,8 @@ by its allocator over one more step; PyTorch: memory_allocated, max_memory_alloc
 floor and the matmul rate are measured on the GPU with CuPy's matmul (cuBLAS), products queued back to back
 between two synchronizations.
 
-The FLOP formula (`cases.matmul_flops`). With R = B*N token rows, Np patches, P*P*C patch length and L blocks, one forward
-pass costs
+The FLOP formula (`cases.matmul_flops`). With R = B*N token rows, Np patches, P*P*C patch length and L blocks,
+one forward pass costs
 
     F = 2 B Np (P*P*C) D                      patch embedding
       + L (2 R D 3D + 2 R D D + 2 R D M + 2 R M D)   qkv, proj, fc1, fc2   = L 2R (4D^2 + 2DM)

@@ -1,11 +1,12 @@
 """The PyTorch eager twin of a minivit model, for `minivit bench --vs-torch` only.
 
 PyTorch is never a dependency of minivit: this module imports torch at its top and is itself imported only by a
-benchmark worker process that was asked for it (worker.serve, a deferred import). The model is what a PyTorch user would write for the same ViT: nn.Linear, nn.LayerNorm(eps=1e-6), explicit
-attention math (softmax(q k^T / sqrt(hs)) v, no fused kernel), GELU in its tanh form (the configs' default), the
-same patch layout (row, col, channel) as `minivit.layers.patchify`, and torch.optim.AdamW with weight decay on the
-same tensors as minivit's AdamW (matrices, not biases, norms, the position embedding or the class token).
-Weights come from the same `bench_params` as minivit's (nn.Linear stores (D_out, D_in): transposed on load).
+benchmark worker process that was asked for it (worker.serve, a deferred import). The model is what a PyTorch user
+would write for the same ViT: nn.Linear, nn.LayerNorm(eps=1e-6), explicit attention math (softmax(q k^T / sqrt(hs))
+v, no fused kernel), GELU in its tanh form (the configs' default), the same patch layout (row, col, channel) as
+`minivit.layers.patchify`, and torch.optim.AdamW with weight decay on the same tensors as minivit's AdamW
+(matrices, not biases, norms, the position embedding or the class token). Weights come from the same `bench_params`
+as minivit's (nn.Linear stores (D_out, D_in): transposed on load).
 """
 import math
 import os
