@@ -47,14 +47,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minivit.charts import line_plot
 from minivit.checkpoint import load_checkpoint
 from minivit.data import load_dataset, normalize
+from minivit.draw import INK, font, save_png
 from minivit.fewshot import BIAS_CONSTANT, DEFAULT_L2, STD_EPS, extract_features, fewshot_fit, fewshot_model, \
     select_shots
 from minivit.model import init_params
 from minivit.mpp import KEEP, MASK, RANDOM, corrupt_forward, draw_corruption, mean_colour_classes, num_corrupted, \
     run_pretrain_mpp, strip_mpp
-from minivit.plot import INK, font, line_plot, save_png
 from minivit.train import TrainConfig
 
 MARK = {MASK: (30, 90, 230), RANDOM: (255, 150, 0), KEEP: (40, 180, 60)}     # border colours in the picture

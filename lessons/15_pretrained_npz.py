@@ -55,10 +55,10 @@ from minivit.config import get_config
 from minivit.data.images import load_image
 from minivit.data.shapes import CLASSES, render_shapes, resize_images
 from minivit.data.transforms import normalize
+from minivit.draw import INK, PALETTE, font, save_png
 from minivit.inference import read_labels
 from minivit.layers import patch_embed_forward
 from minivit.model import init_params, vit_forward
-from minivit.plot import INK, PALETTE, font, save_png
 from minivit.pretrained import export_npz, load_npz, npz_table, read_npz
 from minivit.tree import flatten
 
