@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset
-from .images import load_image
+from .images import image_suffixes, load_image
 
 GZIP_MAGIC = b"\x1f\x8b"
 IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, rows, cols)
@@ -369,12 +369,6 @@ def load_cifar100(source, label_mode="fine"):
 
 # ------------------------------------------------------------------------------------------------- image folder
 
-def _image_suffixes():
-    """File name endings Pillow can open ('.png', '.jpg', ...)."""
-    from PIL import Image
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
 def _list_images(folder, suffixes):
     """Sorted image files directly inside `folder` (hidden files and non-image suffixes skipped)."""
     return sorted(p for p in Path(folder).iterdir()
@@ -421,7 +415,7 @@ def load_image_folder(root, image_size=None, test_fraction=0.2, seed=0):
         raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction}")
     size = None if image_size is None else (
         (int(image_size), int(image_size)) if np.isscalar(image_size) else tuple(int(s) for s in image_size))
-    suffixes = _image_suffixes()
+    suffixes = image_suffixes()
     explicit = (root / "train").is_dir() and (root / "test").is_dir()
     if explicit:
         classes = _class_folders(root / "train")

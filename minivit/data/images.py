@@ -20,6 +20,11 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR     # Pillow >= 9.1 moved the filters to Image.Resampling
 
 
+def image_suffixes():
+    """File name endings Pillow can open ('.png', '.jpg', ...)."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
 def load_image(path, image_hw=None, channels=None):
     """An image file -> uint8 (H, W, C): converted to `channels` (1, 3, or None: the file's own), resized to
     `image_hw` = (H, W) when given (else the file's size)."""
