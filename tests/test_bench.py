@@ -10,7 +10,7 @@ import pytest
 
 import minivit.attention
 import minivit.layers
-from minivit.bench import main
+from minivit.bench import loading, main
 from minivit.bench.cases import CASES, matmul_flops, matmul_shapes, shapes_flops
 from minivit.bench.floor import gemm_floor, matmul_peak
 from minivit.bench.profiler import Profiler
@@ -216,3 +216,9 @@ def test_bench_vs_torch_agrees_on_a_tiny_case():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="--steps must be >= 1"):
         main(["--case", "tiny", "--steps", "0"])
+
+
+def test_loading_benchmark_writes_and_loads_a_random_checkpoint(tmp_path):
+    r = loading.benchmark(tmp_path, config="vit-ti16", repeats=1)
+    assert r["file"] == str(tmp_path / "minivit_bench_vit-ti16.npz") and r["file_bytes"] > 4 * 5e6   # ~5.7M float32
+    assert len(r["load_s"]) == len(r["forward_s"]) == 1 and r["load_median_s"] == r["load_s"][0]

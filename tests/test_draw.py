@@ -201,3 +201,16 @@ def test_save_png_roundtrip_and_no_temp_files(tmp_path):
     assert os.listdir(path.parent) == ["map.png"]
     with Image.open(path) as back:
         assert back.size == (5, 4)
+
+
+def test_side_by_side_pads_and_aligns():
+    tall, short = Image.new("RGB", (3, 6), (255, 0, 0)), Image.new("RGB", (2, 2), (0, 0, 255))
+    top = draw.side_by_side([tall, short], pad=4)
+    assert top.size == (3 + 4 + 2, 6)
+    a = np.asarray(top)
+    assert (a[:, :3] == (255, 0, 0)).all() and (a[:, 3:7] == 255).all()       # the gap is white
+    assert (a[:2, 7:] == (0, 0, 255)).all() and (a[2:, 7:] == 255).all()      # top-aligned
+    mid = np.asarray(draw.side_by_side([tall, short], pad=0, align="center"))
+    assert mid.shape == (6, 5, 3) and (mid[2:4, 3:] == (0, 0, 255)).all() and (mid[:2, 3:] == 255).all()
+    with pytest.raises(ValueError, match="align"):
+        draw.side_by_side([tall], align="bottom")
