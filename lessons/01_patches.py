@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw
 
 from minivit.config import ViTConfig
 from minivit.data.shapes import render_shapes
+from minivit.draw import INK, font, save_png
 from minivit.layers import patchify, unpatchify
-from minivit.plot import INK, font, save_png
 
 
 def patchify_naive(x, P):

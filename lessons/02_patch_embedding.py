@@ -36,8 +36,8 @@ import numpy as np
 
 from minivit.config import count_params, get_config, param_shapes
 from minivit.data.shapes import render_shapes
+from minivit.draw import save_png, tile_grid, to_uint8
 from minivit.layers import patch_embed_backward, patch_embed_forward
-from minivit.plot import save_png, tile_grid, to_uint8
 
 
 def conv2d_naive(x, kernel, bias, stride):

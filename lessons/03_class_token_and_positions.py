@@ -37,11 +37,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minivit.charts import line_plot
 from minivit.config import ViTConfig
 from minivit.data.shapes import render_shapes
+from minivit.draw import INK, font, save_png
 from minivit.layers import layernorm_forward, patch_embed_forward, patchify, tokens_forward, unpatchify
 from minivit.model import block_forward, init_params, vit_forward
-from minivit.plot import INK, font, line_plot, save_png
 
 
 def encode(params, x, cfg):

@@ -43,9 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+from minivit.charts import line_plot
+from minivit.draw import save_png
 from minivit.gradcheck import gradcheck, relative_error
 from minivit.layers import layernorm_backward, layernorm_forward, linear_backward, linear_forward
-from minivit.plot import line_plot, save_png
 
 
 def numeric_grad(f, x, dy, eps):

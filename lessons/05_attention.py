@@ -44,9 +44,10 @@ import numpy as np
 from PIL import Image
 
 from minivit.attention import attention_backward, attention_forward
+from minivit.charts import line_plot
+from minivit.draw import save_png
 from minivit.gradcheck import gradcheck
 from minivit.layers import softmax_backward, softmax_forward
-from minivit.plot import line_plot, save_png
 
 
 def sdpa_forward(q, k, v):

@@ -44,9 +44,9 @@ from minivit.analysis import mean_attention_distance
 from minivit.attention import attention_backward, attention_forward
 from minivit.config import count_params, get_config
 from minivit.data.shapes import render_shapes
+from minivit.draw import overlay, save_png, tile_grid
 from minivit.gradcheck import gradcheck
 from minivit.layers import patchify, softmax_forward
-from minivit.plot import overlay, save_png, tile_grid
 
 
 def heads_by_loop(x, p, nh):

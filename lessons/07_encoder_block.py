@@ -38,11 +38,12 @@ import numpy as np
 from PIL import Image
 
 from minivit.attention import attention_backward, attention_forward
+from minivit.charts import line_plot
 from minivit.config import ViTConfig
+from minivit.draw import save_png
 from minivit.gradcheck import gradcheck
 from minivit.layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward
 from minivit.model import block_backward, block_forward, init_params, mlp_backward, mlp_forward
-from minivit.plot import line_plot, save_png
 from minivit.tree import flatten, tree_map, unflatten
 
 

@@ -41,10 +41,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minivit.config import count_params, get_config
+from minivit.draw import INK, PALETTE, font, save_png
 from minivit.gradcheck import gradcheck_model
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
-from minivit.plot import INK, PALETTE, font, save_png
 from minivit.tree import same_structure
 
 ORIGINAL_COUNTS = {"vit-ti16": 5_717_416, "vit-s16": 22_050_664, "vit-b16": 86_567_656,   # the original

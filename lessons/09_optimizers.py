@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minivit.charts import line_plot
+from minivit.draw import AXIS, INK, PALETTE, font, save_png, side_by_side
 from minivit.optim import clip_by_global_norm, lr_at, optimizer_init, optimizer_step
-from minivit.plot import AXIS, INK, PALETTE, font, line_plot, save_png
 
 
 def quadratic(p, k=50.0):
@@ -139,13 +140,6 @@ def draw_paths(f, xlim, ylim, paths, title, size=(520, 420)):
     return img
 
 
-def side_by_side(panels):
-    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), (255, 255, 255))
-    for i, p in enumerate(panels):
-        canvas.paste(p, (sum(q.width for q in panels[:i]), 0))
-    return canvas
-
-
 def main(quick=False, seed=0, out_dir=None):
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "out"
@@ -167,7 +161,7 @@ def main(quick=False, seed=0, out_dir=None):
         ends = out[prob + "_end"]
         assert np.linalg.norm(ends["AdamW (wd 0.3)"]) < np.linalg.norm(ends["Adam"])   # decay pulls toward 0
         pictures.append(draw_paths(f, xlim, ylim, {k: v[0] for k, v in runs.items()}, f"{prob}, {steps} steps"))
-    png1 = save_png(side_by_side(pictures), out_dir / "09_optimizers.png")
+    png1 = save_png(side_by_side(pictures, pad=0), out_dir / "09_optimizers.png")
 
     # 2. The schedule: linear warmup, then cosine decay.
     total, warm = 100, 10
@@ -220,7 +214,7 @@ def main(quick=False, seed=0, out_dir=None):
               line_plot({f"not clipped (overflows at step {len(free[1]) - 1})": free[1],
                          "clipped at norm 10": clipped[1]}, logy=True, ylim=(1e-6, 1e8),
                         title="SGD + momentum on Rosenbrock", xlabel="step", ylabel="f", size=(400, 320))]
-    png2 = save_png(side_by_side(panels), out_dir / "09_schedules.png")
+    png2 = save_png(side_by_side(panels, pad=0), out_dir / "09_schedules.png")
     print(f"pictures: {png1}, {png2}")
     out.update(png=[str(png1), str(png2)], seconds=time.perf_counter() - t0)
     return out

@@ -44,10 +44,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minivit.charts import line_plot
 from minivit.config import count_params
 from minivit.data import load_dataset, normalize
+from minivit.draw import INK, font, heatmap, save_png, side_by_side, tile_grid
 from minivit.model import predict
-from minivit.plot import INK, font, heatmap, line_plot, save_png, tile_grid
 from minivit.recipes import LESSON_MODEL
 from minivit.tasks import evaluate
 from minivit.train import TrainConfig, train
@@ -65,16 +66,6 @@ def moving_average(x, n):
     c = np.cumsum(np.insert(np.asarray(x, dtype=np.float64), 0, 0.0))
     i = np.arange(1, len(x) + 1)
     return (c[i] - c[np.maximum(i - n, 0)]) / np.minimum(i, n)
-
-
-def side_by_side(panels, pad=10):
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + pad * (len(panels) - 1),
-                               max(p.height for p in panels)), (255, 255, 255))
-    x = 0
-    for p in panels:
-        canvas.paste(p, (x, 0))
-        x += p.width + pad
-    return canvas
 
 
 def stacked(rows):

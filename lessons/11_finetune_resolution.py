@@ -46,10 +46,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minivit.charts import line_plot
 from minivit.data import load_dataset, normalizer
+from minivit.draw import heatmap, save_png, side_by_side, tile_grid
 from minivit.finetune import new_head, prepare_finetune, resize_model
 from minivit.model import predict
-from minivit.plot import heatmap, line_plot, save_png, tile_grid
 from minivit.recipes import FINETUNE_DEFAULTS, lesson_base_model
 from minivit.resample import interpolation_matrix
 from minivit.tasks import evaluate
@@ -74,16 +75,6 @@ def same_size(m, cells=12):
     """(g, g) -> (cells, cells): each cell repeated, so 4x4 and 6x6 maps are drawn the same size."""
     k = cells // m.shape[0]
     return np.kron(m, np.ones((k, k)))
-
-
-def side_by_side(panels, pad=10):
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + pad * (len(panels) - 1),
-                               max(p.height for p in panels)), (255, 255, 255))
-    x = 0
-    for p in panels:
-        canvas.paste(p, (x, (canvas.height - p.height) // 2))
-        x += p.width + pad
-    return canvas
 
 
 def main(quick=False, seed=0, out_dir=None):
@@ -171,7 +162,7 @@ def main(quick=False, seed=0, out_dir=None):
     curves["base model at 32 (its own head)"] = ([0, epochs], [acc32, acc32])
     p3 = line_plot(curves, title="test accuracy (epoch 0: fresh zero head)", xlabel="fine-tuning epoch",
                    ylabel="accuracy", markers=True, size=(420, 300), ylim=(0, 0.6), legend="lower right")
-    row2 = side_by_side(mats + [p3], pad=12)
+    row2 = side_by_side(mats + [p3], pad=12, align="center")
     canvas = Image.new("RGB", (max(p1.width, row2.width), p1.height + row2.height + 10), (255, 255, 255))
     canvas.paste(p1, (0, 0))
     canvas.paste(row2, (0, p1.height + 10))

@@ -47,14 +47,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minivit.charts import line_plot
 from minivit.checkpoint import load_checkpoint
 from minivit.data import load_dataset, normalizer
+from minivit.draw import INK, font, save_png
 from minivit.fewshot import BIAS_CONSTANT, DEFAULT_L2, STD_EPS, extract_features, fewshot_fit, fewshot_model, \
     select_shots
 from minivit.model import init_params
 from minivit.mpp import KEEP, MASK, RANDOM, corrupt_forward, draw_corruption, mean_colour_classes, num_corrupted, \
     strip_mpp
-from minivit.plot import INK, font, line_plot, save_png
 from minivit.recipes import run_pretrain_mpp
 from minivit.train import TrainConfig
 

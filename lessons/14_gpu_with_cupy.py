@@ -45,10 +45,11 @@ import numpy as np
 
 import minivit
 from minivit.backend import DeviceError, get_backend, get_xp, synchronize, to_device, to_numpy
+from minivit.charts import line_plot
 from minivit.config import get_config
 from minivit.data.shapes import render_shapes
+from minivit.draw import save_png
 from minivit.model import init_params, vit_forward
-from minivit.plot import line_plot, save_png
 
 
 def modules_importing_cupy():

@@ -52,12 +52,14 @@ from PIL import Image, ImageDraw
 
 from minivit.checkpoint import load_checkpoint
 from minivit.config import get_config
+from minivit.data.images import load_image
 from minivit.data.shapes import CLASSES, render_shapes, resize_images
+from minivit.data.transforms import normalize
+from minivit.draw import INK, PALETTE, font, save_png
 from minivit.inference import read_labels
 from minivit.layers import patch_embed_forward
 from minivit.model import init_params, vit_forward
-from minivit.plot import INK, PALETTE, font, save_png
-from minivit.pretrained import export_npz, load_image, load_npz, npz_table, read_npz
+from minivit.pretrained import export_npz, load_npz, npz_table, read_npz
 from minivit.tree import flatten
 
 
@@ -209,7 +211,7 @@ def main(quick=False, seed=0, out_dir=None, npz=None, image=None, labels=None):
 
     # 5. Run it on an image.
     if image is not None:
-        x_img = load_image(image, cfg.image_hw, cfg.channels)          # (H, W, C) in [-1, 1]
+        x_img = normalize(load_image(image, cfg.image_hw, cfg.channels))   # (H, W, C) in [-1, 1]
     elif x_img is None:                                                # a real file and no --image: a drawn shape
         drawn, drawn_label = render_shapes(1, seed + 3, 64, "test")
         x_img = resize_images(drawn, cfg.image_size)[0] / 127.5 - 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import analysis, plot
+from minivit import analysis, charts, draw
 from minivit.backend import to_numpy
 from minivit.inference import run_batched
 from minivit.model import attention_probs, vit_forward
@@ -37,15 +37,15 @@ def inspect_model(params, cfg, images_uint8, normalize_fn, out_dir, analyses=ANA
     if "filters" in analyses:
         w = to_numpy(params["patch_embed"]["w"])                                   # (P*P*C, D)
         filters, evr = analysis.embedding_filters(w, P, C, k=28)                   # (k, P, P, C), (k,)
-        pics = plot.to_uint8(filters if C > 1 else filters[..., 0], symmetric=True, per_item=True)
-        img = plot.image_grid(pics, ncols=7, scale=max(1, 64 // P),
+        pics = draw.to_uint8(filters if C > 1 else filters[..., 0], symmetric=True, per_item=True)
+        img = draw.image_grid(pics, ncols=7, scale=max(1, 64 // P),
                               titles=[f"{100 * v:.1f}%" for v in evr],
                               title="Patch-embedding filters: top principal components (% variance)")
         results["filters"] = (_save(img, out_dir / "embedding_filters.png"), {"explained_variance": evr})
     if "posemb" in analyses:
         sim = analysis.pos_embed_similarity(to_numpy(params["pos_embed"]), grid, cfg.n_prefix)  # (gh, gw, gh, gw)
         tiles = [sim[r, c] for r in range(grid[0]) for c in range(grid[1])]
-        img = plot.tile_grid(tiles, nrows=grid[0], ncols=grid[1], vmin=-1.0, vmax=1.0, cmap="viridis",
+        img = draw.tile_grid(tiles, nrows=grid[0], ncols=grid[1], vmin=-1.0, vmax=1.0, cmap="viridis",
                              title="Position embedding similarity (cosine)", xlabel="input patch column",
                              ylabel="input patch row")
         results["posemb"] = (_save(img, out_dir / "pos_embed_similarity.png"), {"similarity": sim})
@@ -57,9 +57,9 @@ def inspect_model(params, cfg, images_uint8, normalize_fn, out_dir, analyses=ANA
         L, nh = dist.shape
         x = np.repeat(np.arange(1, L + 1), nh)
         groups = [f"head {h + 1}" for _ in range(L) for h in range(nh)]
-        img = plot.scatter_plot(x, dist.ravel(), groups=groups if nh <= 8 else None,
-                                title=f"Mean attention distance ({len(images_uint8)} images)",
-                                xlabel="network depth (layer)", ylabel="mean attention distance (pixels)")
+        img = charts.scatter_plot(x, dist.ravel(), groups=groups if nh <= 8 else None,
+                                  title=f"Mean attention distance ({len(images_uint8)} images)",
+                                  xlabel="network depth (layer)", ylabel="mean attention distance (pixels)")
         results["distance"] = (_save(img, out_dir / "attention_distance.png"), {"distance": dist})
     if "rollout" in analyses:
         roll = analysis.attention_rollout(attns, cfg.n_prefix, grid)                 # (B, gh, gw)
@@ -67,9 +67,9 @@ def inspect_model(params, cfg, images_uint8, normalize_fn, out_dir, analyses=ANA
         scale = max(1, 128 // max(cfg.image_hw))
         pics = []
         for i in range(n):
-            pics.append(plot.overlay(images_uint8[i], roll[i], alpha=0.0, scale=scale))   # the input
-            pics.append(plot.overlay(images_uint8[i], roll[i], alpha=0.6, scale=scale))   # with the rollout
-        img = plot.tile_grid(pics, ncols=min(8, 2 * n), titles=["input", "rollout"] * n,
+            pics.append(draw.overlay(images_uint8[i], roll[i], alpha=0.0, scale=scale))   # the input
+            pics.append(draw.overlay(images_uint8[i], roll[i], alpha=0.6, scale=scale))   # with the rollout
+        img = draw.tile_grid(pics, ncols=min(8, 2 * n), titles=["input", "rollout"] * n,
                              title="Attention rollout of the class token" if cfg.n_prefix else
                                    "Attention rollout (mean over patch queries)")
         results["rollout"] = (_save(img, out_dir / "rollout.png"), {"rollout": roll})
@@ -80,7 +80,7 @@ def inspect_model(params, cfg, images_uint8, normalize_fn, out_dir, analyses=ANA
             for h in range(maps.shape[1]):
                 tiles.append(maps[0, h])
                 titles.append(f"L{layer + 1} h{h + 1}")
-        img = plot.tile_grid(tiles, nrows=len(attns), ncols=cfg.heads, titles=titles,
+        img = draw.tile_grid(tiles, nrows=len(attns), ncols=cfg.heads, titles=titles,
                              title="Class-token attention per layer (rows) and head (columns), image 1"
                                    if cfg.n_prefix else "Mean attention of the patches, image 1")
         results["maps"] = (_save(img, out_dir / "attention_maps.png"), {})
@@ -88,5 +88,5 @@ def inspect_model(params, cfg, images_uint8, normalize_fn, out_dir, analyses=ANA
 
 
 def _save(img, path):
-    plot.save_png(img, path)
+    draw.save_png(img, path)
     return path

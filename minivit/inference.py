@@ -7,13 +7,14 @@ Resize policy (also in `minivit predict --help`): every image is converted to th
 gray 'L' for 1-channel models) and resized as a whole to the model's input size with Pillow's bilinear filter
 (antialiased when shrinking), without cropping and without keeping the aspect ratio, as the original ViT
 evaluation pipeline resizes straight to the crop size. Pixels are then normalized as the checkpoint's training
-data were (default: to [-1, 1]).
+data were (default: to [-1, 1]). The loader is minivit.data.images.
 """
 from pathlib import Path
 
 import numpy as np
 
 from minivit.backend import get_xp, to_numpy
+from minivit.data.images import load_image_files
 from minivit.model import predict
 
 
@@ -32,25 +33,6 @@ def run_batched(fn, images, params, batch_size=500, normalize_fn=None):
         batch = slice(i, min(i + batch_size, len(images)))
         x = images[batch] if normalize_fn is None else normalize_fn(images[batch])
         out.append(to_numpy(fn(xp.asarray(x, dtype=like.dtype), batch)))                # (b, H, W, C) on device
-    return out
-
-
-def load_image_files(paths, image_hw, channels):
-    """Image files -> uint8 (N, H, W, C), each resized to `image_hw` as described above."""
-    from PIL import Image, UnidentifiedImageError
-    H, W = image_hw
-    out = np.empty((len(paths), H, W, channels), dtype=np.uint8)              # (N, H, W, C)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                im = im.resize((W, H), Image.BILINEAR, reducing_gap=None)
-                a = np.asarray(im)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
-        out[i] = a.reshape(H, W, channels)
     return out
 
 

@@ -1,15 +1,16 @@
 """Pretrained ViTs: load and export the original ViT .npz checkpoints and timm's .safetensors files.
 
 The paper's weights are plain NumPy archives written by the original JAX/Flax code, one array per Flax parameter
-path; timm's weights on the Hugging Face hub are .safetensors files of PyTorch tensors. Both are read here with
-NumPy alone, mapped to minivit's parameter tree through one explicit name table per format, and checked entry by
-entry: every file key must be used, every parameter found, every shape as the inferred config expects.
+path; timm's weights on the Hugging Face hub are .safetensors files of PyTorch tensors (the file format:
+minivit/safetensors.py). Both are read with NumPy alone, mapped to minivit's parameter tree through one explicit
+name table per format, and checked entry by entry: every file key must be used, every parameter found, every
+shape as the inferred config expects.
 
 Conventions the original weights need (and what the config returned by the loaders says):
     GELU         tanh approximation in the original Flax code (`nn.gelu`'s default), the exact erf form in timm
                  (PyTorch's `nn.GELU`); `load_npz` defaults to gelu='tanh', `load_safetensors` to 'exact'.
     LayerNorm    eps 1e-6 in both.
-    pixels       scaled to [-1, 1]: (x - 127.5) / 127.5, not ImageNet mean/std (`load_image` does this). Most timm
+    pixels       scaled to [-1, 1]: (x - 127.5) / 127.5, not ImageNet mean/std (minivit.data.transforms.normalize's default). Most timm
                  ViT weights converted from the paper's files (augreg, orig_in21k) use the same 0.5/0.5 scaling;
                  DeiT weights (the same timm names) expect ImageNet mean/std instead.
     pre-logits   the original ImageNet-21k checkpoints end with a dense + tanh layer before the head (`pre_logits`,
@@ -59,12 +60,10 @@ Where the official files live (no network here; a user with internet runs):
 Files in the original layout (the paper's ViT-B/16, B/32, L/16, L/32, H/14 and the AugReg ones under
 gs://vit_models/augreg/) load; the R50+ViT hybrids do not (their ResNet keys are reported as unexpected).
 """
-import json
 import math
 import os
 import re
 import struct
-import time
 import zipfile
 import zlib
 from collections import namedtuple
@@ -75,8 +74,9 @@ import numpy as np
 from minivit.backend import to_numpy
 from minivit.checkpoint import CheckpointError   # one error type for every checkpoint format
 from minivit.config import CONFIGS, ViTConfig, param_shapes
-from minivit.fileio import atomic_save_npz, atomic_write_bytes
-from minivit.model import check_params, vit_forward
+from minivit.fileio import atomic_save_npz
+from minivit.model import check_params
+from minivit.safetensors import bf16_to_f32, read_safetensors, save_safetensors
 from minivit.tree import flatten, unflatten
 
 
@@ -415,18 +415,13 @@ def _split_prefix(keys, anchor, prefix, path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading and writing files
+# Reading .npz files (.safetensors: minivit/safetensors.py)
 
 def _check_file(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     return path
-
-
-def _bf16_to_f32(u16):
-    """uint16 bfloat16 bits (any shape) -> float32: the bits become the high half of a float32."""
-    return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
 def _open_npz(path):
@@ -451,7 +446,7 @@ def _npz_member(z, key, path):
         raise CheckpointError(f"{path}: key {key!r} cannot be read ({type(e).__name__}: {e}); the file is corrupt "
                               f"or truncated", path) from e
     if a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.fields is None:
-        a = _bf16_to_f32(a.view(np.uint16))
+        a = bf16_to_f32(a.view(np.uint16))
     return a
 
 
@@ -464,92 +459,6 @@ def read_npz(path):
     path = os.fspath(path)
     with _open_npz(path) as z:
         return {key: _npz_member(z, key, path) for key in z.files}
-
-
-# safetensors dtype codes <-> little-endian NumPy dtypes (BF16 is read as uint16 bits, then upcast)
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-              "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
-_ST_CODES = {np.dtype(v).newbyteorder("<"): k for k, v in _ST_DTYPES.items() if k != "BF16"}
-_ST_MAX_HEADER = 100 * 1024 * 1024   # the format's own limit
-
-
-def read_safetensors(path):
-    """path -> ({name: array}, metadata): a .safetensors file read with NumPy alone.
-
-    Layout: 8-byte little-endian header length n; n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]},
-    optional "__metadata__": {str: str}}; then the raw little-endian arrays, offsets relative to the byte after
-    the header. BF16 is upcast to float32 (its bits shifted into the high half of a float32); other dtypes are
-    kept (in native byte order). Arrays are copies: the file is memory-mapped only while reading.
-    """
-    path = _check_file(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes, too short for a .safetensors header", path)
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > _ST_MAX_HEADER:
-            raise CheckpointError(f"{path}: header length {n} does not fit a file of {size} bytes (truncated or not a "
-                                  f".safetensors file)", path)
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: the .safetensors header is not valid JSON ({e})", path) from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the .safetensors header is not a JSON object", path)
-    metadata = header.pop("__metadata__", None) or {}
-    start, data_len = 8 + n, size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: bad header entry for {name!r}: {info!r}", path) from e
-        if code not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code}, not supported (supported: "
-                                  f"{', '.join(_ST_DTYPES)})", path)
-        dt = np.dtype(_ST_DTYPES[code])
-        nbytes = math.prod(shape) * dt.itemsize
-        if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} ({code} {list(shape)}, {nbytes} bytes) has data_offsets "
-                                  f"[{begin}, {end}] but the data section has {data_len} bytes (truncated or corrupt)",
-                                  path)
-        raw = data[begin:end]
-        if code == "BF16":
-            a = _bf16_to_f32(raw.view(dt))                                  # a new float32 array
-        else:
-            a = np.array(raw.view(dt), dtype=dt.newbyteorder("="))          # a copy in native byte order
-        out[name] = a.reshape(shape)
-    del data
-    return out, dict(metadata)
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: array} as a .safetensors file, atomically (float64/32/16, integer and bool arrays).
-
-    The header is compact JSON padded with spaces to a multiple of 8 bytes (as the reference writer does), the
-    arrays follow in the dict's order, little-endian, without gaps. `metadata`: {str: str} or None.
-    """
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError("safetensors metadata must map str to str")
-        header["__metadata__"] = dict(metadata)
-    for name, a in tensors.items():
-        if not isinstance(name, str) or name == "__metadata__":
-            raise ValueError(f"bad tensor name {name!r}")
-        a = np.asarray(to_numpy(a))
-        dt = a.dtype.newbyteorder("<")
-        if dt not in _ST_CODES:
-            raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
-        blob = np.ascontiguousarray(a, dtype=dt).tobytes()
-        header[name] = {"dtype": _ST_CODES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    h += b" " * (-len(h) % 8)
-    atomic_write_bytes(path, struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -669,60 +578,3 @@ def export_safetensors(params, cfg, path, dtype=np.float32):
     """
     tensors = _file_arrays(params, cfg, timm_table(cfg), "", dtype)
     save_safetensors(tensors, path, {"format": "pt", "minivit.heads": str(cfg.heads)})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Using a loaded model
-
-def load_image(path, image_size, channels=3):
-    """An image file -> float32 (H, W, C) in [-1, 1], the original code's evaluation input: converted, resized
-    and scaled (x - 127.5) / 127.5 as minivit.inference describes (image_size an int or (H, W))."""
-    from minivit.data.transforms import normalize
-    from minivit.inference import load_image_files
-    hw = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    return normalize(load_image_files([path], hw, channels))[0]                # (H, W, C)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark (not a test): python -m minivit.pretrained --bench [FOLDER]
-
-def write_random_npz(path, cfg, seed=0, scale=0.02):
-    """Write a checkpoint in the original layout for `cfg` with random normal(0, scale) float32 values."""
-    rng = np.random.default_rng(seed)
-    arrays = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(scale)
-              for row in npz_table(cfg) for k, s in zip(row.keys, row.shapes)}
-    atomic_save_npz(path, arrays)
-
-
-def benchmark(folder="/tmp", config="vit-b16", repeats=5, seed=0):
-    """Time loading a random ViT checkpoint in the original layout and a batch-1 forward; returns the numbers."""
-    cfg = CONFIGS[config]
-    path = os.path.join(folder, f"minivit_bench_{config}.npz")
-    write_random_npz(path, cfg, seed)
-    load_s, fwd_s = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        params, got = load_npz(path)
-        load_s.append(time.perf_counter() - t)
-    assert got == cfg.replace(gelu="tanh"), got
-    x = np.random.default_rng(seed).uniform(-1, 1, (1, *cfg.image_hw, cfg.channels)).astype(np.float32)
-    vit_forward(params, x, got)                                             # warm-up
-    for _ in range(repeats):
-        t = time.perf_counter()
-        vit_forward(params, x, got)
-        fwd_s.append(time.perf_counter() - t)
-    return {"config": config, "file": path, "file_bytes": os.path.getsize(path), "load_s": load_s,
-            "forward_s": fwd_s, "load_median_s": float(np.median(load_s)), "forward_median_s": float(np.median(fwd_s))}
-
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] != ["--bench"]:
-        sys.exit("usage: python -m minivit.pretrained --bench [FOLDER]")
-    r = benchmark(sys.argv[2] if len(sys.argv) > 2 else "/tmp")
-    print(f"{r['config']}: {r['file']} ({r['file_bytes'] / 1e6:.0f} MB), threads "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"load_npz     median {r['load_median_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in r['load_s'])})")
-    print(f"forward (1 image) median {r['forward_median_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in r['forward_s'])})")

@@ -1,14 +1,22 @@
 """The benchmark: its FLOP formula against the products a step really runs, and a short run of a tiny case."""
 import importlib.util
 import json
+import sys
+import time
+import types
 
 import numpy as np
 import pytest
 
 import minivit.fast.attention
 import minivit.fast.layers
-from minivit.bench import (CASES, MinivitRunner, Profiler, _shapes_flops, format_table, gemm_floor, main,
-                           matmul_flops, matmul_peak, matmul_shapes, run_case)
+from minivit.bench import loading, main
+from minivit.bench.cases import CASES, matmul_flops, matmul_shapes, shapes_flops
+from minivit.bench.floor import gemm_floor, matmul_peak
+from minivit.bench.profiler import Profiler
+from minivit.bench.report import format_table
+from minivit.bench.runner import MinivitRunner, peak_rss_mb, reset_peak_rss, rss_mb
+from minivit.bench.timing import run_case
 from minivit.config import get_config
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
 from minivit.model import init_params, vit_backward, vit_forward
@@ -47,7 +55,7 @@ def test_flop_formula_matches_the_products_a_step_runs(monkeypatch, name, overri
     cfg = get_config(name, **overrides)
     batch = 3
     shapes = matmul_shapes(cfg, batch, train)
-    assert _shapes_flops(shapes) == matmul_flops(cfg, batch, train)          # the formula = the list
+    assert shapes_flops(shapes) == matmul_flops(cfg, batch, train)           # the formula = the list
     real = record_products(monkeypatch, cfg, batch, train)
     listed = [s[1:] for s in shapes]
     assert sorted(real) == sorted(listed)                                    # the list = what really runs
@@ -100,22 +108,78 @@ def test_profiler_times_ops_and_restores_the_functions():
     x = np.zeros((2, 8, 8, 3), np.float32)
     before = minivit.layers.layernorm_forward
     with Profiler() as prof:
+        t0 = time.perf_counter()
         vit_forward(params, x, cfg)
+        wall_ms = (time.perf_counter() - t0) * 1e3
     assert minivit.layers.layernorm_forward is before
     table = prof.table(1)
-    assert table["layernorm forward"]["calls"] == 2 * cfg.depth + 1 and table["layernorm forward"]["ms"] >= 0
+    assert table["layernorm forward"]["calls"] == 2 * cfg.depth + 1
     assert "attention forward" in table and "linear forward" in table
+    # exclusive times do not count a callee twice: together they fit in the wall time of the forward pass
+    assert sum(v["ms"] for v in table.values()) <= wall_ms
+
+
+def test_profiler_subtracts_the_time_of_wrapped_callees(monkeypatch):
+    """outer_forward sleeps 20 ms itself and calls inner_forward, which sleeps 60 ms: outer's own time is about
+    20 ms (60 ms more if the callee were not subtracted), inner's at least 60 ms."""
+    fake = types.ModuleType("minivit.fake_ops")
+
+    def inner_forward():
+        time.sleep(0.06)
+
+    def outer_forward():
+        time.sleep(0.02)
+        fake.inner_forward()                     # through the module attribute, as the package's calls go
+
+    for fn in (inner_forward, outer_forward):
+        fn.__module__ = fake.__name__
+        setattr(fake, fn.__name__, fn)
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setattr(Profiler, "MODULES", (fake.__name__,))
+    with Profiler() as prof:
+        fake.outer_forward()
+    assert fake.outer_forward is outer_forward and fake.inner_forward is inner_forward   # restored
+    table = prof.table(1)
+    assert 20 <= table["outer forward"]["ms"] < 60 and table["inner forward"]["ms"] >= 60
+    assert table["outer forward"]["calls"] == table["inner forward"]["calls"] == 1
+
+
+def test_rss_probes_measure_what_a_step_allocates():
+    """The worker's memory columns: base = RSS before the steps, then the high-water mark is reset and read after
+    them. A step that also touches 64 MiB (freed at once) must show about 64 MiB more (1 MiB less allowed: RSS
+    also drops by pages the process returns meanwhile); the same step without it, much less (the reset really
+    forgets earlier peaks, such as the 64 MiB just before)."""
+    runner = MinivitRunner(CASES["tiny"])
+    runner.step()                                                 # warm: pools, threads, first-touch pages
+    base = rss_mb()
+    if not reset_peak_rss():
+        pytest.skip("no resettable RSS high-water mark here (Linux >= 4.0 only)")
+    np.ones(64 * 2 ** 20 // 8)                                    # 64 MiB touched, freed at once
+    runner.step()
+    with_64 = peak_rss_mb() - base
+    base = rss_mb()
+    assert reset_peak_rss()
+    runner.step()
+    plain = peak_rss_mb() - base
+    assert with_64 >= 63 and plain < 32, (with_64, plain)
 
 
 def check_result(r, frameworks=("minivit",)):
     assert r["case"] == "tiny" and r["batch"] == CASES["tiny"].batch and r["step"] == "training"
-    assert r["matmul_gflop"] > 0 and r["matmul_peak_gflops"] > 0
+    assert r["matmul_gflop"] == matmul_flops(get_config("test"), CASES["tiny"].batch, True) / 1e9
+    assert r["matmul_peak_gflops"] > 0
     for fw in frameworks:
         m = r[fw]
-        assert m["ms"]["min"] <= m["ms"]["median"] <= m["ms"]["max"] and len(m["steps_ms"]) == 2
-        assert m["images_per_s"] > 0 and m["gflops"] > 0 and 0 < m["peak_fraction"]
-        assert m["rss_peak_mb"] >= m["rss_base_mb"] > 0 and m["step_mem_mb"] >= 0
-    assert r["minivit"]["gemm_floor_ms"] > 0 and r["minivit"]["floor_ratio"] > 0
+        median = m["ms"]["median"]
+        assert m["ms"]["min"] <= median <= m["ms"]["max"] and len(m["steps_ms"]) == 2
+        assert m["images_per_s"] == pytest.approx(r["batch"] / median * 1e3)      # the columns' units agree
+        assert m["gflops"] == pytest.approx(r["matmul_gflop"] / median * 1e3)
+        assert m["peak_fraction"] == pytest.approx(m["gflops"] / r["matmul_peak_gflops"]) and m["peak_fraction"] < 1
+        assert 10 < m["rss_base_mb"] < 8192                                      # MB, not KB or bytes
+        assert m["step_mem_mb"] == m["rss_peak_mb"] - m["rss_base_mb"]
+    floor = r["minivit"]["gemm_floor_ms"]
+    assert 0 < floor < r["minivit"]["ms"]["median"]                              # a step costs more than its products
+    assert r["minivit"]["floor_ratio"] == pytest.approx(r["minivit"]["ms"]["median"] / floor)
 
 
 def test_bench_runs_a_tiny_case_and_writes_json(tmp_path, capsys):
@@ -146,9 +210,15 @@ def test_bench_vs_torch_agrees_on_a_tiny_case():
     check_result(r, ("minivit", "torch"))
     assert r["check"]["ok"], r["check"]
     assert r["check"]["logits_max_rel"] < 1e-4 and r["check"]["grads_max_rel"] < 1e-3
-    assert r["ratio_vs_torch"] > 0
+    assert r["ratio_vs_torch"] == pytest.approx(r["minivit"]["ms"]["median"] / r["torch"]["ms"]["median"])
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="--steps must be >= 1"):
         main(["--case", "tiny", "--steps", "0"])
+
+
+def test_loading_benchmark_writes_and_loads_a_random_checkpoint(tmp_path):
+    r = loading.benchmark(tmp_path, config="vit-ti16", repeats=1)
+    assert r["file"] == str(tmp_path / "minivit_bench_vit-ti16.npz") and r["file_bytes"] > 4 * 5e6   # ~5.7M float32
+    assert len(r["load_s"]) == len(r["forward_s"]) == 1 and r["load_median_s"] == r["load_s"][0]

@@ -7,7 +7,6 @@ reference path, and a few training steps on each path. The reference pairs thems
 differences and closed forms in test_layers.py.
 """
 import inspect
-import math
 
 import numpy as np
 import pytest

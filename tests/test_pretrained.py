@@ -19,9 +19,10 @@ from minivit.finetune import new_head, resize_model
 from minivit.inference import read_labels
 from minivit.model import attention_probs, vit_forward
 from minivit.pretrained import (CheckpointError, Loaded, checkpoint_format, export_npz, export_safetensors,
-                                infer_npz_config, infer_timm_config, load_image, load_npz, load_pretrained,
-                                load_safetensors, read_npz, read_safetensors, save_safetensors)
+                                infer_npz_config, infer_timm_config, load_npz, load_pretrained, load_safetensors,
+                                read_npz)
 from minivit.resample import resample_pos_embed
+from minivit.safetensors import read_safetensors, save_safetensors
 from minivit.tree import flatten
 
 
@@ -627,21 +628,6 @@ def test_gpu_forward_matches_cpu(tmp_path, device):
     dev = to_device(params, device)
     got, _ = vit_forward(dev, to_device(x, device), cfg)
     np.testing.assert_allclose(to_numpy(got), cpu, rtol=1e-4, atol=1e-4)
-
-
-def test_load_image_scales_to_minus_one_one(tmp_path):
-    from PIL import Image
-    Image.new("RGB", (5, 3), (255, 0, 128)).save(tmp_path / "c.png")
-    x = load_image(tmp_path / "c.png", 8)
-    assert x.shape == (8, 8, 3) and x.dtype == np.float32
-    np.testing.assert_allclose(x[..., 0], 1.0)
-    np.testing.assert_allclose(x[..., 1], -1.0)
-    np.testing.assert_allclose(x[..., 2], (128 - 127.5) / 127.5, atol=1e-6)
-    g = load_image(tmp_path / "c.png", (4, 6), channels=1)
-    assert g.shape == (4, 6, 1) and -1 <= g.min() <= g.max() <= 1
-    (tmp_path / "not.png").write_bytes(b"nope")
-    with pytest.raises(ValueError, match="cannot read image"):
-        load_image(tmp_path / "not.png", 8)
 
 
 def test_read_labels(tmp_path):

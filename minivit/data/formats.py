@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset
+from .images import image_suffixes, load_image
 
 GZIP_MAGIC = b"\x1f\x8b"
 IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, rows, cols)
@@ -368,15 +369,6 @@ def load_cifar100(source, label_mode="fine"):
 
 # ------------------------------------------------------------------------------------------------- image folder
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-
-
-def _image_suffixes():
-    """File name endings Pillow can open ('.png', '.jpg', ...)."""
-    from PIL import Image
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
 def _list_images(folder, suffixes):
     """Sorted image files directly inside `folder` (hidden files and non-image suffixes skipped)."""
     return sorted(p for p in Path(folder).iterdir()
@@ -389,18 +381,10 @@ def _class_folders(root):
 
 
 def _load_image(path, size):
-    """One image file -> (uint8 (H, W, 1) or (H, W, 3), is_gray); resized to `size` (h, w) when given."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            gray = im.mode in GRAY_MODES
-            im = im.convert("L" if gray else "RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), getattr(Image, "Resampling", Image).BILINEAR)  # (W, H)
-            a = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return (a[..., None] if gray else a), gray  # (H, W, 1) or (H, W, 3)
+    """One image file -> (uint8 (H, W, 1) or (H, W, 3), is_gray): the file's own channels, resized to `size` (h, w)
+    when given."""
+    a = load_image(path, size, channels=None)
+    return a, a.shape[2] == 1
 
 
 def _stack(items, root):
@@ -431,7 +415,7 @@ def load_image_folder(root, image_size=None, test_fraction=0.2, seed=0):
         raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction}")
     size = None if image_size is None else (
         (int(image_size), int(image_size)) if np.isscalar(image_size) else tuple(int(s) for s in image_size))
-    suffixes = _image_suffixes()
+    suffixes = image_suffixes()
     explicit = (root / "train").is_dir() and (root / "test").is_dir()
     if explicit:
         classes = _class_folders(root / "train")

@@ -1,20 +1,22 @@
 """The PyTorch eager twin of a minivit model, for `minivit bench --vs-torch` only.
 
-PyTorch is never a dependency of minivit: this module is imported only by a benchmark worker process that was asked
-for it. The model is what a PyTorch user would write for the same ViT: nn.Linear, nn.LayerNorm(eps=1e-6), explicit
-attention math (softmax(q k^T / sqrt(hs)) v, no fused kernel), GELU in its tanh form (the configs' default), the
-same patch layout (row, col, channel) as `minivit.layers.patchify`, and torch.optim.AdamW with weight decay on the
-same tensors as minivit's AdamW (matrices, not biases, norms, the position embedding or the class token).
-Weights come from the same `bench_params` as minivit's (nn.Linear stores (D_out, D_in): transposed on load).
+PyTorch is never a dependency of minivit: this module imports torch at its top and is itself imported only by a
+benchmark worker process that was asked for it (worker.serve, a deferred import). The model is what a PyTorch user
+would write for the same ViT: nn.Linear, nn.LayerNorm(eps=1e-6), explicit attention math (softmax(q k^T / sqrt(hs))
+v, no fused kernel), GELU in its tanh form (the configs' default), the same patch layout (row, col, channel) as
+`minivit.layers.patchify`, and torch.optim.AdamW with weight decay on the same tensors as minivit's AdamW
+(matrices, not biases, norms, the position embedding or the class token). Weights come from the same `bench_params`
+as minivit's (nn.Linear stores (D_out, D_in): transposed on load).
 """
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivit.bench import LR, WEIGHT_DECAY, bench_batch, bench_params
+from minivit.bench.cases import LR, WEIGHT_DECAY, bench_batch, bench_params
 from minivit.config import get_config
 from minivit.tree import flatten
 
@@ -129,11 +131,10 @@ def make_optimizer(model):
 
 
 class TorchRunner:
-    """One benchmark case in PyTorch eager; the same interface as minivit.bench.MinivitRunner."""
+    """One benchmark case in PyTorch eager; the same interface as minivit.bench.runner.MinivitRunner."""
     framework = "torch"
 
     def __init__(self, case, device="cpu", seed=0):
-        import os
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
         if threads:
             torch.set_num_threads(threads)
