@@ -34,7 +34,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+try:  # numpy's ndarray rebuild helper, the one global a pickled array names
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+from ..fileio import atomic_write_bytes
 from .dataset import Dataset
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -150,7 +157,6 @@ def encode_idx(array):
 
 def write_idx(path, array, compress=None):
     """Write `array` as an IDX file; gzip it when `compress` is True (default: when the name ends in .gz)."""
-    from ..fileio import atomic_write_bytes
     data = encode_idx(array)
     if compress is None:
         compress = str(path).endswith(".gz")
@@ -201,10 +207,6 @@ def load_mnist_folder(folder, name="mnist"):
 
 def _numpy_reconstruct():
     """numpy's ndarray rebuild helper: numpy._core.multiarray._reconstruct (NumPy 2), numpy.core... (NumPy 1)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
     return _reconstruct
 
 
@@ -373,7 +375,6 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 def _image_suffixes():
     """File name endings Pillow can open ('.png', '.jpg', ...)."""
-    from PIL import Image
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
@@ -390,7 +391,6 @@ def _class_folders(root):
 
 def _load_image(path, size):
     """One image file -> (uint8 (H, W, 1) or (H, W, 3), is_gray); resized to `size` (h, w) when given."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             gray = im.mode in GRAY_MODES
