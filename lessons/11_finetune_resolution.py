@@ -137,6 +137,7 @@ def main(quick=False, seed=0, out_dir=None):
         runs[size] = r
         assert r.params["pos_embed"].shape == (1, c.seq_len, cfg.width)
     out["finetuned"] = {s: r.test_accuracy for s, r in runs.items()}
+    out["finetune_dirs"] = {s: str(r.run_dir) for s, r in runs.items()}    # each run's last.npz, for a check
     print(f"fine-tuned {epochs} epoch(s) with {recipe['optimizer'].upper()} (momentum {recipe['momentum']}, lr "
           f"{recipe['lr']}, cosine, clip {recipe['clip_norm']}): at 48 {out['finetuned'][48]:.3f}, the same at 32 "
           f"{out['finetuned'][32]:.3f} (base at 32: {acc32:.3f}); difference 48 - 32: "

@@ -223,7 +223,7 @@ def main(quick=False, seed=0, out_dir=None, npz=None, image=None, labels=None):
     z = logits[0].astype(np.float64)
     probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()            # (K,)
     top = int(probs.argmax())
-    out.update(top_class=top, top_name=str(names[top]), top_prob=float(probs[top]))
+    out.update(top_class=top, top_name=str(names[top]), top_prob=float(probs[top]), logits=z.tolist())
     assert math.isclose(probs.sum(), 1.0, rel_tol=1e-9)
     what = (f"a drawn {CLASSES[int(drawn_label[0])]}" if drawn_label is not None and image is None
             else Path(image).name if image is not None else "the image")

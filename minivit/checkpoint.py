@@ -23,9 +23,10 @@ import zipfile
 import numpy as np
 
 from minivit.backend import to_device, to_numpy
-from minivit.config import ViTConfig
+from minivit.config import ViTConfig, param_shapes
 from minivit.fileio import atomic_save_npz
 from minivit.model import check_params
+from minivit.optim import state_to_flat
 from minivit.tree import flatten, unflatten
 
 FORMAT = "minivit-checkpoint"
@@ -48,12 +49,10 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, params, cfg, opt_state=None, meta=None):
     """Write params (and optimizer state) with `cfg` and `meta` to `path` atomically."""
-    from minivit.optim import state_to_flat
     arrays = {f"params.{k}": to_numpy(v) for k, v in flatten(params).items()}
     if opt_state is not None:
         arrays.update({f"opt.{k}": to_numpy(v) for k, v in state_to_flat(opt_state).items()})
     info = dict(meta or {})
-    from minivit.config import param_shapes
     extra = [k for k in params if k not in param_shapes(cfg)]     # parameters beyond the ViT's own
     info.update({"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(), "extra_params": extra})
     arrays["meta"] = np.array(json.dumps(info))

@@ -17,11 +17,12 @@ from minivit.checkpoint import load_checkpoint
 from minivit.config import get_config
 from minivit.data import download
 from minivit.data.checkpoint_data import dataset_for_checkpoint, normalizer_from_meta
+from minivit.data.images import load_image_files
 from minivit.fewshot import fewshot_model, format_table
 from minivit.figures import ANALYSES, inspect_model
 from minivit.finetune import resize_model
 from minivit.gradcheck import gradcheck_model
-from minivit.inference import load_image_files, predict_files, read_labels
+from minivit.inference import predict_files, read_labels
 from minivit.pretrained import checkpoint_format, load_pretrained
 from minivit.recipes import PRETRAIN_DEFAULTS, run_finetune, run_pretrain_mpp
 from minivit.tasks import evaluate

@@ -8,6 +8,8 @@ against the original code's numbers (ViT-B/16: 86,567,656).
 import math
 from dataclasses import asdict, dataclass, replace
 
+from minivit.tree import flatten
+
 POOLINGS = ("token", "gap")    # the original code's `classifier` option
 GELUS = ("tanh", "exact")      # original JAX ViT: tanh approximation; PyTorch/timm: exact erf form
 
@@ -169,5 +171,4 @@ def param_shapes(cfg):
 
 def count_params(cfg):
     """Number of parameters of a config, from shapes alone."""
-    from minivit.tree import flatten
     return sum(math.prod(s) for s in flatten(param_shapes(cfg), is_leaf=lambda v: isinstance(v, tuple)).values())

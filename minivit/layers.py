@@ -185,7 +185,7 @@ def gelu_forward(x, approximate="tanh"):
     _check_approximate(approximate)
     xp = get_xp(x)
     if approximate == "tanh":
-        y = 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+        y = 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
     else:
         y = 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
     return y, (x, approximate)
@@ -201,7 +201,7 @@ def gelu_backward(dy, cache):
     x, approximate = cache
     xp = get_xp(x)
     if approximate == "tanh":
-        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
         dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
     else:
         cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))                          # Phi(x)

@@ -12,6 +12,10 @@ from PIL import Image
 import minivit.cli
 from minivit.checkpoint import load_checkpoint
 from minivit.cli import main
+from minivit.data import load_dataset
+from minivit.data.checkpoint_data import normalizer_from_meta
+from minivit.fewshot import fewshot_model
+from minivit.inference import predict_files
 
 from conftest import install_standin
 
@@ -74,8 +78,11 @@ def test_train_then_every_command_on_its_checkpoint(tmp_path, data_dir, device_f
     assert status == 0, err
     lines = out.splitlines()
     assert lines[0] == str(image) and len(lines) == 4
-    probs = [float(line.split("%")[0]) for line in lines[1:]]
-    assert probs == sorted(probs, reverse=True) and all(0 < p < 100 for p in probs)
+    printed = [(line.split()[1], float(line.split("%")[0])) for line in lines[1:]]
+    params, cfg, _ = load_checkpoint(ckpt)                  # what the library gives for this checkpoint and image
+    [(_, top)] = predict_files(params, cfg, [image], normalizer_from_meta(meta["data"]), meta["data"]["classes"], 3)
+    assert [name for name, _ in printed] == [name for name, _ in top]
+    assert all(abs(p - 100 * q) < 0.006 for (_, p), (_, q) in zip(printed, top)), (printed, top)
 
     figures = tmp_path / "figures"
     status, out, err = cli(capsys, "inspect", ckpt, *data, "--num-images", 4, "--out", figures, *device)
@@ -90,7 +97,9 @@ def test_train_then_every_command_on_its_checkpoint(tmp_path, data_dir, device_f
     status, out, err = cli(capsys, "fewshot", ckpt, *data, "--shots", "1,2", "--seeds", 1, *device)
     assert status == 0, err
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
-    assert len(rows) == 2 and all(0.0 <= float(r[1]) <= 1.0 for r in rows)
+    ds = load_dataset("shapes", data_dir=data_dir, image_size=32, n_train=64, n_test=32, progress=False)
+    want = fewshot_model(params, cfg, ds, normalizer_from_meta(meta["data"]), (1, 2), (0,))
+    assert [float(r[1]) for r in rows] == [round(w["accuracy"], 4) for w in want], (rows, want)
 
     tuned = tmp_path / "finetuned"
     status, out, err = cli(capsys, "finetune", "--from", ckpt, *data, "--image-size", 48, "--max-steps", 2,

@@ -8,6 +8,7 @@ shared/STYLE.md: a module docstring with "Run:" and "You should see", and main(q
 """
 import ast
 import importlib.util
+import itertools
 import inspect
 import math
 import sys
@@ -16,6 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from minivit.checkpoint import load_checkpoint
+from minivit.data import load_dataset, normalize
+from minivit.data.shapes import CLASSES
+from minivit.model import predict
 
 LESSONS = Path(__file__).resolve().parent.parent / "lessons"
 FILES = sorted(LESSONS.glob("[0-9][0-9]_*.py"))
@@ -135,17 +141,26 @@ def check_11(r):
     assert np.array_equal(r["R"]["linear"][0], [1, 0, 0, 0]) and np.array_equal(r["R"]["linear"][-1], [0, 0, 0, 1])
     assert abs(r["zero_head_probs"] - 0.1) < 1e-7 and abs(r["zero_head_loss"] - math.log(10)) < 1e-5
     assert set(r["zero_shot_48"]) == {"linear", "bilinear", "bicubic", "none"}
-    assert set(r["finetuned"]) == {48, 32} and all(0 <= a <= 1 for a in r["finetuned"].values())
+    assert set(r["finetuned"]) == {48, 32}
+    for size, acc in r["finetuned"].items():         # the reported accuracy is the saved fine-tuned model's
+        params, cfg, _ = load_checkpoint(Path(r["finetune_dirs"][size]) / "last.npz")
+        ds = load_dataset("shapes", n_train=400, n_test=200, image_size=size, progress=False)   # quick mode's
+        probs = predict(params, cfg, normalize(ds.test_images, "minus_one_one"))                 # (200, 10)
+        assert np.mean(probs.argmax(axis=1) == ds.test_labels) == acc, (size, acc)
 
 
 def check_12(r):
     assert r["filters_orthonormal_error"] < 1e-10
     assert r["similarity_diag_error"] < 1e-6
-    assert r["rollout_row_sum_error"] < 1e-6 and 0 < r["rollout_cls_self"] < 1
+    d = r["distance"]                                                   # (L, nh)
+    assert r["rollout_row_sum_error"] < 1e-6
+    assert r["rollout_cls_self"] >= 0.5 ** d.shape[0]    # each layer's (A + I) / 2 keeps half of a token on itself
     assert abs(r["rollout_cls_self"] + r["rollout_patch_share"] - 1) < 1e-6   # row 0 of R: class token + patches
-    d = r["distance"]
     assert abs(r["max_distance"] - 8 * math.sqrt(18)) < 1e-12           # 4x4 grid of 8 px patches
-    assert d.shape == (3, 4) and d.min() >= 0 and d.max() <= r["max_distance"]
+    cells = list(itertools.product(range(4), range(4)))
+    uniform = np.mean([8 * math.hypot(a - c, b - e) for (a, b), (c, e) in itertools.product(cells, cells)])
+    assert abs(r["uniform_distance"] - uniform) < 1e-12                 # what uniform attention gives
+    assert d.shape == (3, 4) and np.abs(d - uniform).max() < 1.5        # quick model: attention nearly uniform
     assert len(r["explained_variance"]) == 28 and np.all(np.diff(r["explained_variance"]) <= 1e-12)
     assert sorted(Path(p).name for p in r["png"]) == ["12_attention_distance.png", "12_attention_maps.png",
                                                      "12_embedding_filters.png", "12_pos_embed_similarity.png",
@@ -155,22 +170,24 @@ def check_12(r):
 def check_13(r):
     assert abs(r["rates"]["mask"] - 0.8) < 0.02 and abs(r["rates"]["random"] - 0.1) < 0.02
     assert abs(r["rates"]["keep"] - 0.1) < 0.02
-    lo, hi = r["target_range"]
-    assert 0 <= lo <= hi < 512
+    assert r["target_range"] == (0, 511) and r["n_colours"] > 400     # black to white, most of the 512 colours
     assert max(r["probe_vs_lstsq"].values()) < 1e-8                 # the probe is the closed-form ridge solution
     assert np.mean(r["mpp_losses"][-5:]) < np.mean(r["mpp_losses"][:5])
     assert set(r["fewshot"]) == {"random init", "MPP pre-trained"}  # lesson 10 did not run in this folder
     for table in r["fewshot"].values():
-        assert set(table) == {1, 5} and all(0 <= a <= 1 for a in table.values())
+        assert set(table) == {1, 5} and all(0.03 < a < 0.25 for a in table.values())   # near chance (0.1)
 
 
 def check_14(r):
     assert r["cupy_importers"] == ["backend.py"] and r["get_xp_modules"] >= 5
-    assert all(s > 0 for s in r["cpu_seconds"].values())
+    s = r["cpu_seconds"]
+    assert set(s) == {1, 32, 64} and s[64] > s[1]                    # 64 images take longer than one
     if r["gpu"]:
         assert r["gpu_rel_diff"] < 1e-4
+    elif importlib.util.find_spec("cupy") is None:                   # says why the GPU part did not run
+        assert "CuPy, which is not installed" in r["reason"], r["reason"]
     else:
-        assert isinstance(r["reason"], str) and r["reason"]         # says why the GPU part did not run
+        assert "no usable CUDA GPU" in r["reason"], r["reason"]
 
 
 def check_15(r):
@@ -180,7 +197,9 @@ def check_15(r):
     assert r["param_max_diff"] == 0 and r["logits_max_diff"] == 0     # the hand-written layout loads exactly
     assert r["export_max_diff"] == 0 and r["reload_max_diff"] == 0    # export / load round trip, bit for bit
     assert r["conv_max_diff"] < 1e-4 and r["prefix_ignored"] == ["opt/state/step"]
-    assert 0 <= r["top_class"] < 10 and 0 < r["top_prob"] <= 1
+    z = np.asarray(r["logits"])                                       # (10,) of the drawn shape
+    assert r["top_class"] == int(z.argmax()) and r["top_name"] == CLASSES[r["top_class"]]
+    assert abs(r["top_prob"] - 1 / np.exp(z - z.max()).sum()) < 1e-12  # softmax at the top: 1 / sum e^(z - z_max)
 
 
 CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06,

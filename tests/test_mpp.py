@@ -13,6 +13,7 @@ from minivit.model import init_params
 from minivit.mpp import (KEEP, MASK, RANDOM, Corruption, add_mpp_params, corrupt_forward, draw_corruption,
                          mean_colour_classes, mpp_backward, mpp_forward, mpp_loss_backward, mpp_loss_forward,
                          mpp_targets, num_colour_classes, strip_mpp)
+from minivit.data.checkpoint_data import normalizer_from_meta
 from minivit.recipes import run_pretrain_mpp
 from minivit.tasks import MPPTask
 from minivit.train import TrainConfig, train
@@ -152,8 +153,9 @@ def test_pretrain_checkpoint_resume_and_finetune(tmp_path):
     full = run_pretrain_mpp(mpp_config(tmp_path / "a"), data=tiny_data(), progress=False, log=None)
     assert full.steps == 12
     assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
-    assert 0.0 <= full.test_accuracy <= 1.0
     params, cfg, meta = load_checkpoint(full.run_dir / "last.npz")
+    ev = MPPTask().evaluate(params, cfg, tiny_data().test_images, None, normalizer_from_meta(meta["data"]))
+    assert ev["patches"] == 16 * 2 and ev["accuracy"] == full.test_accuracy   # the final weights', 2 of 4 patches
     assert meta["task"] == "mpp" and meta["mpp"] == {"mask_rate": 0.5, "replace_rates": [0.8, 0.1, 0.1], "bits": 3}
     assert set(meta["extra_params"]) == {"mask_token", "mpp_head"} and params["mpp_head"]["w"].shape == (12, 512)
     assert params["mpp_head"]["w"].any() and not params["head"]["w"].any()   # the classifier head never moved

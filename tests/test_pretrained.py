@@ -621,6 +621,8 @@ def test_replace_head_drops_pre_logits(tmp_path, device):
 
 
 def test_gpu_forward_matches_cpu(tmp_path, device):
+    if device == "cpu":
+        pytest.skip("compares the GPU with the CPU (on the CPU it would compare the CPU with itself)")
     w = flax_checkpoint(rep=6)
     params, cfg = load_npz(save(tmp_path, w))
     x = images_for(w).astype(np.float32)

@@ -39,6 +39,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .paths import default_data_dir
 
 CHUNK = 1 << 20  # bytes per read while downloading and hashing
@@ -218,7 +220,6 @@ def fetch(url, dest, entry, progress=True):
     Streams to a temporary file in dest's folder while hashing; on a match, fsync and rename over dest; on a
     mismatch or an error the temporary file is deleted and `dest` is left as it was.
     """
-    from tqdm import tqdm
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".part", dir=dest.parent)

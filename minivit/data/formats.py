@@ -35,6 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # numpy's ndarray rebuild helper, the one global a pickled array names
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+from ..fileio import atomic_write_bytes
 from .dataset import Dataset
 from .images import image_suffixes, load_image
 
@@ -151,7 +157,6 @@ def encode_idx(array):
 
 def write_idx(path, array, compress=None):
     """Write `array` as an IDX file; gzip it when `compress` is True (default: when the name ends in .gz)."""
-    from ..fileio import atomic_write_bytes
     data = encode_idx(array)
     if compress is None:
         compress = str(path).endswith(".gz")
@@ -202,10 +207,6 @@ def load_mnist_folder(folder, name="mnist"):
 
 def _numpy_reconstruct():
     """numpy's ndarray rebuild helper: numpy._core.multiarray._reconstruct (NumPy 2), numpy.core... (NumPy 1)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
     return _reconstruct
 
 

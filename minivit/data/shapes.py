@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from ..fileio import atomic_save_npz
 from .dataset import Dataset
@@ -248,7 +249,6 @@ def render_shapes(n, seed, size=64, split="train", progress=False):
     images = np.empty((n, size, size, 3), dtype=np.uint8)                 # (n, size, size, 3)
     steps = range(n)
     if progress:
-        from tqdm import tqdm
         steps = tqdm(steps, desc=f"drawing shapes ({split})", unit="img", leave=False)
     for i in steps:
         images[i] = _render_one(np.random.default_rng([seed, stream, i, 0]), int(labels[i]), size)

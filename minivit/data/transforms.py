@@ -16,6 +16,7 @@ training loop normalizes, and applies mixup (which needs labels and float images
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from ..backend import get_xp, to_numpy
 
@@ -37,7 +38,6 @@ SAMPLING = ("bilinear", "nearest")
 
 
 def _pil_bilinear():
-    from PIL import Image
     return getattr(Image, "Resampling", Image).BILINEAR  # Pillow >= 9.1 has the enum; older has the constant
 
 
@@ -152,7 +152,6 @@ def resize_images(images, size):
         return images
     if C not in (1, 3):
         raise ValueError(f"resize_images handles 1 or 3 channels, got {C}")
-    from PIL import Image
     out = np.empty((N, h, w, C), dtype=np.uint8)  # (N, h, w, C)
     for i in range(N):
         im = Image.fromarray(images[i, :, :, 0] if C == 1 else images[i])  # mode L or RGB
