@@ -27,8 +27,7 @@ import numpy as np
 from minivit.checkpoint import load_checkpoint
 from minivit.data.checkpoint_data import dataset_for_checkpoint, normalizer_from_meta
 from minivit.inference import run_batched
-from minivit.layers import patch_embed_forward
-from minivit.model import encoder_forward, vit_forward
+from minivit.model import encoder_forward, layer_ops, vit_forward
 
 BIAS_CONSTANT = 100.0   # big_vision fewshot_lsr: a large constant bias feature, so the bias is barely regularized
 STD_EPS = 1e-5          # big_vision fewshot_lsr: std + 1e-5, so a constant feature does not divide by zero
@@ -62,7 +61,8 @@ def extract_features(params, cfg, images, normalize_fn, batch_size=500, represen
         if representation == "pooled":
             _, cache = vit_forward(params, x, cfg, keep_cache=False)
             return cache["pooled"]                                              # (b, F)
-        e, _ = patch_embed_forward(x, params["patch_embed"]["w"], params["patch_embed"]["b"], cfg.patch_size)
+        ops = layer_ops()                                                       # as vit_forward chooses them
+        e, _ = ops.patch_embed_forward(x, params["patch_embed"]["w"], params["patch_embed"]["b"], cfg.patch_size)
         y, _ = encoder_forward(e, params, cfg, keep_cache=False)                # (b, N, D)
         return y[:, cfg.n_prefix:].mean(axis=1)                                 # (b, D)
 

@@ -43,9 +43,9 @@ from typing import NamedTuple
 import numpy as np
 
 from minivit.backend import get_xp, to_numpy
-from minivit.layers import linear_backward, linear_forward, patch_embed_backward, patch_embed_forward, patchify
+from minivit.layers import patchify
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
-from minivit.model import check_images, encoder_backward, encoder_forward
+from minivit.model import check_images, encoder_backward, encoder_forward, layer_ops
 
 MPP_PARAMS = ("mask_token", "mpp_head")    # the parameters pre-training adds to a ViT (dropped for fine-tuning)
 MASK, RANDOM, KEEP = 0, 1, 2               # what happens to a corrupted patch (Corruption.kind)
@@ -168,11 +168,12 @@ def mpp_targets(images, P, corruption, bits=3):
 # ----------------------------------------------------------------------------------------------------------------
 # The model: the ViT encoder with corrupted patch embeddings and a per-patch colour head.
 
-def mpp_forward(params, images, cfg, corruption, train=False, rng=None):
+def mpp_forward(params, images, cfg, corruption, train=False, rng=None, reference=None):
     """images: (B, H, W, C), corruption (B, n_c) -> logits (S, Kc), cache.   S = B * n_c, rows image by image.
 
     params: a ViT's (its `head` is not used) plus mask_token (1, 1, D) and mpp_head {w (D, Kc), b (Kc,)}.
-    `train=True` turns dropout and stochastic depth on, their masks drawn from `rng` as in vit_forward.
+    `train=True` turns dropout and stochastic depth on, their masks drawn from `rng` as in vit_forward; `reference`
+    chooses the layer pairs as there.
     """
     check_images(images, cfg, params["pos_embed"].dtype)
     xp = get_xp(images)
@@ -181,16 +182,17 @@ def mpp_forward(params, images, cfg, corruption, train=False, rng=None):
     if index.shape[0] != B or index.max(initial=0) >= cfg.num_patches:
         raise ValueError(f"the corruption (shape {index.shape}, largest position {index.max(initial=0)}) does not "
                          f"fit a batch of {B} images of {cfg.num_patches} patches")
-    cache = {"order": list(params)}
-    x, cache["patch_embed"] = patch_embed_forward(images, params["patch_embed"]["w"], params["patch_embed"]["b"],
-                                                  cfg.patch_size)                        # (B, Np, D)
+    ops = layer_ops(reference)                                   # the layer pairs vit_forward would run
+    cache = {"ops": ops}
+    x, cache["patch_embed"] = ops.patch_embed_forward(images, params["patch_embed"]["w"],
+                                                      params["patch_embed"]["b"], cfg.patch_size)   # (B, Np, D)
     x, cache["corrupt"] = corrupt_forward(x, params["mask_token"], corruption)           # (B, Np, D)
-    x, cache["encoder"] = encoder_forward(x, params, cfg, train, rng)                    # (B, N, D)
+    x, cache["encoder"] = encoder_forward(x, params, cfg, train, rng, reference=reference)   # (B, N, D)
     rows = xp.asarray(np.arange(B)[:, None])                                             # (B, 1)
     cols = xp.asarray(index + cfg.n_prefix)                                              # (B, n_c) token positions
     h = x[rows, cols]                                                                    # (B, n_c, D)
     cache["gather"] = (x.shape, rows, cols)
-    logits, cache["mpp_head"] = linear_forward(h, params["mpp_head"]["w"], params["mpp_head"]["b"])  # (B, n_c, Kc)
+    logits, cache["mpp_head"] = ops.linear_forward(h, params["mpp_head"]["w"], params["mpp_head"]["b"])  # (B, n_c, Kc)
     # the parameters this objective does not use get zero gradients (the classifier head, pre_logits)
     cache["unused"] = {k: (params[k]["w"].shape, params[k]["b"].shape) for k in ("pre_logits", "head")
                        if k in params}
@@ -198,27 +200,28 @@ def mpp_forward(params, images, cfg, corruption, train=False, rng=None):
 
 
 def mpp_backward(dlogits, cache):
-    """dlogits: (S, Kc) -> dimages (B, H, W, C), grads (the same tree, in the same order, as params).
+    """dlogits: (S, Kc) -> dimages (B, H, W, C), grads (the same tree as params).
 
     Zero gradients for the parameters the objective does not touch (head, pre_logits), so the optimizer sees
     the whole tree.
     """
     xp = get_xp(dlogits)
+    ops = cache["ops"]
     shape, rows, cols = cache["gather"]
     B, N, D = shape
     g = {}
-    dh, dw, db = linear_backward(dlogits.reshape(B, -1, dlogits.shape[-1]), cache["mpp_head"])   # (B, n_c, D)
+    dh, dw, db = ops.linear_backward(dlogits.reshape(B, -1, dlogits.shape[-1]), cache["mpp_head"])   # (B, n_c, D)
     g["mpp_head"] = {"w": dw, "b": db}
     dx = xp.zeros(shape, dtype=dlogits.dtype)                                            # (B, N, D)
     dx[rows, cols] = dh                                      # fwd: h = x[rows, cols] (distinct positions per image)
     dx, genc = encoder_backward(dx, cache["encoder"])                                    # (B, Np, D)
-    g.update(genc)
+    g.update({k: v for k, v in genc.items() if v is not None})                         # (no cls_token: 'gap')
     dx, g["mask_token"] = corrupt_backward(dx, cache["corrupt"])                         # fwd: e' = S e + m mask
-    dimages, dw, db = patch_embed_backward(dx, cache["patch_embed"])
+    dimages, dw, db = ops.patch_embed_backward(dx, cache["patch_embed"])
     g["patch_embed"] = {"w": dw, "b": db}
     for k, (w_shape, b_shape) in cache["unused"].items():
         g[k] = {"w": xp.zeros(w_shape, dtype=dlogits.dtype), "b": xp.zeros(b_shape, dtype=dlogits.dtype)}
-    return dimages, {k: g[k] for k in cache["order"]}      # the parameters' own key order (optimizer_step needs it)
+    return dimages, g
 
 
 def mpp_loss_forward(params, images, cfg, corruption, targets, train=False, rng=None, smoothing=0.0):
