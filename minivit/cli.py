@@ -25,6 +25,7 @@ from minivit.gradcheck import gradcheck_model
 from minivit.inference import predict_files, read_labels
 from minivit.pretrained import checkpoint_format, load_pretrained
 from minivit.recipes import PRETRAIN_DEFAULTS, run_finetune, run_pretrain_mpp
+from minivit.reference import use_reference
 from minivit.tasks import evaluate
 from minivit.threads import set_threads
 from minivit.train import TrainConfig, TrainingInterrupted, format_figure, train
@@ -46,7 +47,8 @@ def cmd_gradcheck(args):
         cfg = cfg.replace(dropout=0.1, attn_dropout=0.1, drop_path=0.1)
     print(f"gradient check of the whole ViT, config {args.config!r}: {cfg.depth} blocks, width {cfg.width}, "
           f"{cfg.heads} heads, pooling {cfg.pooling}, GELU {cfg.gelu}, dropout {'on (fixed mask)' if args.dropout else 'off'}")
-    print(f"float64 central differences (eps {args.eps:g}) on the loss, relative error "
+    path = "the reference pairs (layers.py, attention.py)" if use_reference() else "the fast twins (minivit/fast)"
+    print(f"layers: {path}; float64 central differences (eps {args.eps:g}) on the loss, relative error "
           f"||num - ana|| / max(||num||, ||ana||), tolerance {args.tol:g}\n")
     results = gradcheck_model(cfg, seed=args.seed, train=args.dropout, eps=args.eps, max_coords=args.max_coords,
                               device=args.device)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import minivit.cli
+import minivit.reference
 from minivit.checkpoint import load_checkpoint
 from minivit.cli import main
 from minivit.data import load_dataset
@@ -170,9 +171,16 @@ def test_eval_warns_when_the_data_name_other_classes(tmp_path, data_dir, capsys)
     assert "'kind0'" in err and "'disc'" in err
 
 
-def test_gradcheck_command(capsys):
+def test_gradcheck_command(capsys, monkeypatch):
+    monkeypatch.setenv("MINIVIT_REFERENCE", "")                # (undone after the test, as --reference sets it)
     status, out, _ = cli(capsys, "gradcheck", "--config", "test")
-    assert status == 0
+    assert status == 0 and "layers: the fast twins" in out
+    assert out.splitlines()[-1].startswith("33 tensors, 0 failed; worst ")
+    ran = []                                                   # the reference attention really runs under --reference
+    real = minivit.reference.attention_forward
+    monkeypatch.setattr(minivit.reference, "attention_forward", lambda *a, **k: (ran.append(1), real(*a, **k))[1])
+    status, out, _ = cli(capsys, "gradcheck", "--config", "test", "--reference")
+    assert status == 0 and "layers: the reference pairs" in out and len(ran) > 2
     assert out.splitlines()[-1].startswith("33 tensors, 0 failed; worst ")
 
 

@@ -202,9 +202,18 @@ def check_15(r):
     assert abs(r["top_prob"] - 1 / np.exp(z - z.max()).sum()) < 1e-12  # softmax at the top: 1 / sum e^(z - z_max)
 
 
+def check_16(r):
+    assert r["layernorm_max_diff"] < 1e-5 and r["gelu_max_diff"] < 1e-4 and r["softmax_max_diff"] < 1e-6
+    assert set(r["layernorm_ms"]) == {"reference", "in place", "row blocks", "row blocks + threads"}
+    assert set(r["linear_gelu_ms"]) == {"reference", "fused twin"} and set(r["softmax_ms"]) == {"reference", "twin"}
+    assert len(r["block_curve"]) >= 3 and r["rows"] == 8 * 65                        # quick: B = 8, N = 65
+    assert abs(r["step_loss"]["fast"] - r["step_loss"]["reference"]) < 1e-5          # the same step on both paths
+    assert abs(r["step_loss"]["fast"] - math.log(10)) < 0.5                          # near log K at a near-zero head
+
+
 CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06,
           "07": check_07, "08": check_08, "09": check_09, "10": check_10, "11": check_11, "12": check_12,
-          "13": check_13, "14": check_14, "15": check_15}
+          "13": check_13, "14": check_14, "15": check_15, "16": check_16}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,6 +252,6 @@ def test_lesson_imports_only_minivit_numpy_pillow_and_the_standard_library(path)
             assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
 
 
-def test_lessons_1_to_15_are_present():
+def test_every_lesson_is_present_and_has_its_check():
     numbers = {p.name[:2] for p in FILES}
-    assert set(CHECKS) <= numbers
+    assert numbers == set(CHECKS) == {f"{i:02d}" for i in range(1, 17)}
