@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minivit import reference
 from minivit.attention import attention_backward, attention_forward
 from minivit.charts import line_plot
 from minivit.config import ViTConfig
@@ -53,7 +54,7 @@ def block_from_pieces(x, p, cfg, residual=True):
     h, c2 = attention_forward(h, p["attn"], cfg.heads)
     x1 = x + h if residual else h                                        # (B, N, D)
     h, c3 = layernorm_forward(x1, p["norm2"]["w"], p["norm2"]["b"], cfg.ln_eps)
-    h, c4 = mlp_forward(h, p["mlp"], cfg.gelu)
+    h, c4 = mlp_forward(h, p["mlp"], cfg.gelu, ops=reference)            # the reference pairs, as above
     return (x1 + h if residual else h), (c1, c2, c3, c4, residual)
 
 
@@ -97,7 +98,7 @@ def main(quick=False, seed=0, out_dir=None):
     cfg = ViTConfig(image_size=8, patch_size=4, channels=3, num_classes=5, width=12, depth=1, heads=3, mlp_dim=16)
     p = tree_map(lambda a: a + 0.3 * rng.standard_normal(a.shape), init_params(cfg, seed, np.float64)["blocks"][0])
     x = rng.standard_normal((2, 5, 12))                                  # (B, N, D)
-    y, cache = block_forward(x, p, cfg)
+    y, cache = block_forward(x, p, cfg, ops=reference)                   # the same pairs as the pieces
     y2, caches = block_from_pieces(x, p, cfg)
     dy = rng.standard_normal(y.shape)
     out["pieces_fwd_diff"] = float(np.abs(y - y2).max())

@@ -48,7 +48,7 @@ from minivit.charts import line_plot
 from minivit.config import count_params
 from minivit.data import load_dataset, normalize
 from minivit.draw import INK, font, heatmap, save_png, side_by_side, tile_grid
-from minivit.model import predict
+from minivit.inference import predict
 from minivit.recipes import LESSON_MODEL
 from minivit.tasks import evaluate
 from minivit.train import TrainConfig, train

@@ -50,7 +50,7 @@ from minivit.charts import line_plot
 from minivit.data import load_dataset, normalizer
 from minivit.draw import heatmap, save_png, side_by_side, tile_grid
 from minivit.finetune import new_head, prepare_finetune, resize_model
-from minivit.model import predict
+from minivit.inference import predict
 from minivit.recipes import FINETUNE_DEFAULTS, lesson_base_model
 from minivit.resample import interpolation_matrix
 from minivit.tasks import evaluate

@@ -130,7 +130,8 @@ def main(quick=False, seed=0, out_dir=None):
         return y, ops.linear_gelu_backward(dy, cache)
     (y_r, g_r), (y_f, g_f) = fwd_bwd(reference), fwd_bwd(fast)
     out["gelu_max_diff"] = max(max_diff(y_r, y_f), max_diff(g_r[0], g_f[0]) / max(1.0, float(np.abs(g_r[0]).max())))
-    gelu = {"reference": median_ms(lambda: fwd_bwd(reference), reps), "fused twin": median_ms(lambda: fwd_bwd(fast), reps)}
+    gelu = {"reference": median_ms(lambda: fwd_bwd(reference), reps),
+            "fused twin": median_ms(lambda: fwd_bwd(fast), reps)}
     out["linear_gelu_ms"] = gelu
     print(f"fc1 + GELU forward + backward, ({B * N}, {D}) -> {M}: reference {gelu['reference']:.1f} ms, "
           f"fused twin {gelu['fused twin']:.1f} ms (max difference {out['gelu_max_diff']:.1e})")

@@ -46,7 +46,8 @@ def cmd_gradcheck(args):
     if args.dropout:
         cfg = cfg.replace(dropout=0.1, attn_dropout=0.1, drop_path=0.1)
     print(f"gradient check of the whole ViT, config {args.config!r}: {cfg.depth} blocks, width {cfg.width}, "
-          f"{cfg.heads} heads, pooling {cfg.pooling}, GELU {cfg.gelu}, dropout {'on (fixed mask)' if args.dropout else 'off'}")
+          f"{cfg.heads} heads, pooling {cfg.pooling}, GELU {cfg.gelu}, "
+          f"dropout {'on (fixed mask)' if args.dropout else 'off'}")
     path = "the reference pairs (layers.py, attention.py)" if use_reference() else "the fast twins (minivit/fast)"
     print(f"layers: {path}; float64 central differences (eps {args.eps:g}) on the loss, relative error "
           f"||num - ana|| / max(||num||, ||ana||), tolerance {args.tol:g}\n")
@@ -276,7 +277,7 @@ def cmd_fewshot(args):
 
 
 def cmd_bench(args):
-    """The benchmark (minivit/bench.py): step times against the GEMM floor, the matmul peak and PyTorch eager."""
+    """The benchmark (minivit/bench/): step times against the GEMM floor, the matmul peak and PyTorch eager."""
     return run_bench(args)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from minivit.backend import get_xp, to_numpy
 from minivit.data.images import load_image_files
-from minivit.model import predict
+from minivit.model import vit_forward
 
 
 def run_batched(fn, images, params, batch_size=500, normalize_fn=None):
@@ -34,6 +34,16 @@ def run_batched(fn, images, params, batch_size=500, normalize_fn=None):
         x = images[batch] if normalize_fn is None else normalize_fn(images[batch])
         out.append(to_numpy(fn(xp.asarray(x, dtype=like.dtype), batch)))                # (b, H, W, C) on device
     return out
+
+
+def predict(params, cfg, images, batch_size=256):
+    """images: (B, H, W, C) float -> class probabilities (B, K) as NumPy, in evaluation mode, batch by batch."""
+    def probs(x, _):
+        logits, _ = vit_forward(params, x, cfg, keep_cache=False)         # (b, K)
+        e = get_xp(logits).exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    out = run_batched(probs, images, params, batch_size)
+    return np.concatenate(out) if out else np.zeros((0, cfg.num_classes), dtype=np.float32)
 
 
 def predict_files(params, cfg, paths, normalize_fn, classes=None, top_k=5):

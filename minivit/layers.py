@@ -277,7 +277,8 @@ def dropout_backward(dy, cache):
 
 
 def drop_path_forward(x, p, train, rng=None):
-    """x: (B, ...) -> same shape.  Stochastic depth: drop a whole residual branch per sample, scale kept ones by 1/(1-p)."""
+    """x: (B, ...) -> same shape.  Stochastic depth: drop a whole residual branch per sample, scale the kept ones
+    by 1/(1-p)."""
     if not train or p == 0.0:
         return x, (None,)
     mask = keep_mask((x.shape[0],) + (1,) * (x.ndim - 1), p, rng, x.dtype, get_xp(x))   # (B, 1, 1)

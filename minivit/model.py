@@ -17,9 +17,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minivit import fast                                  # the layer pairs the model runs: the fast twins ...
-from minivit import reference as reference_ops            # ... or, with MINIVIT_REFERENCE=1, the reference pairs
-from minivit.backend import get_xp, to_device, to_numpy
+# The layer pairs the model runs: the fast twins of linear, patch embedding, LayerNorm, GELU, fc1 + GELU, softmax
+# and attention (minivit/fast/, which re-exports the reference tokens, dropout and drop path as they are) ...
+from minivit import fast
+# ... or, with MINIVIT_REFERENCE=1 or reference=True, the reference pairs of layers.py and attention.py
+from minivit import reference as reference_ops
+from minivit.backend import get_xp, to_device
 from minivit.config import param_shapes
 from minivit.reference import use_reference
 from minivit.tree import flatten, unflatten
@@ -112,11 +115,13 @@ class MLPCache(NamedTuple):
     ops: object
 
 
-def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0, keep_cache=True, ops=fast):
+def mlp_forward(x, p, approximate="tanh", train=False, rng=None, dropout=0.0, keep_cache=True, ops=None):
     """x: (B, N, D), p: {fc1_w (D, M), fc1_b, fc2_w (M, D), fc2_b} -> (B, N, D).   fc2(drop(gelu(fc1(x))))
 
     keep_cache=False (inference): no cache (the fast fc1 then skips gelu', which only backward needs).
+    ops: the layer pairs to run (minivit.fast or minivit.reference); None: layer_ops() decides.
     """
+    ops = ops or layer_ops()
     h, fc1_cache = ops.linear_gelu_forward(x, p["fc1_w"], p["fc1_b"], approximate, keep_cache)   # (B, N, M)
     h, drop1_cache = ops.dropout_forward(h, dropout, train, rng)
     y, fc2_cache = ops.linear_forward(h, p["fc2_w"], p["fc2_b"])                                 # (B, N, D)
@@ -144,9 +149,11 @@ class BlockCache(NamedTuple):
     ops: object
 
 
-def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0, keep_cache=True, ops=fast):
+def block_forward(x, p, cfg, train=False, rng=None, drop_path=0.0, keep_cache=True, ops=None):
     """x: (B, N, D) -> (B, N, D).   x1 = x + MSA(LN(x));  y = x1 + MLP(LN(x1))
-    keep_cache=False: inference, no backward to come (the MLP then skips what only backward needs)."""
+    keep_cache=False: inference, no backward to come (the MLP then skips what only backward needs).
+    ops: the layer pairs to run; None: layer_ops() decides (MINIVIT_REFERENCE)."""
+    ops = ops or layer_ops()
     h, norm1_cache = ops.layernorm_forward(x, p["norm1"]["w"], p["norm1"]["b"], cfg.ln_eps)
     h, attn_cache = ops.attention_forward(h, p["attn"], cfg.heads, train, rng, cfg.attn_dropout, cfg.dropout)
     h, dp1_cache = ops.drop_path_forward(h, drop_path, train, rng)
@@ -276,7 +283,7 @@ def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True, ref
     x, cache["patch_embed"] = ops.patch_embed_forward(images, params["patch_embed"]["w"],
                                                       params["patch_embed"]["b"], cfg.patch_size)  # (B, Np, D)
     x, enc_cache = encoder_forward(x, params, cfg, train, rng, keep_cache, reference)   # (B, N, D)
-    cache.update(enc_cache)                                                              # ops, tokens, drop, blocks, norm
+    cache.update(enc_cache)                                              # ops, tokens, drop, blocks, norm
     if cfg.pooling == "token":
         pooled = x[:, 0]                                                                 # (B, D) class token
     else:
@@ -327,16 +334,3 @@ def vit_backward(dlogits, cache):
 def attention_probs(cache):
     """The attention probabilities of every layer of a forward pass: a list of L arrays (B, nh, N, N)."""
     return [c.attn.att for c in _block_caches(cache, "attention probabilities (read them before vit_backward)")]
-
-
-def predict(params, cfg, images, batch_size=256):
-    """images: (B, H, W, C) float -> class probabilities (B, K) as NumPy, in evaluation mode, batch by batch."""
-    xp = get_xp(params["pos_embed"])
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = xp.asarray(images[i:i + batch_size], dtype=params["pos_embed"].dtype)
-        logits, _ = vit_forward(params, x, cfg, keep_cache=False)
-        z = logits - logits.max(axis=1, keepdims=True)
-        e = xp.exp(z)
-        out.append(to_numpy(e / e.sum(axis=1, keepdims=True)))
-    return np.concatenate(out) if out else np.zeros((0, cfg.num_classes), dtype=np.float32)

@@ -41,8 +41,10 @@ def optimizer_init(params, kind="adamw"):
 
 
 def optimizer_step(params, grads, state, lr, kind="adamw", beta1=0.9, beta2=0.999, eps=1e-8,
-                   weight_decay=0.0, momentum=0.9):
-    """One update, in place on `params` and `state`. `lr` is this step's learning rate (from `lr_at`)."""
+                   weight_decay=0.0, momentum=0.9, reference=None):
+    """One update, in place on `params` and `state`. `lr` is this step's learning rate (from `lr_at`). Gradients
+    are matched to parameters by name. reference: Adam's reference update (`adam_update`) instead of its fast twin
+    (None: MINIVIT_REFERENCE decides, as in the model)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     state["step"] += 1
@@ -65,7 +67,7 @@ def optimizer_step(params, grads, state, lr, kind="adamw", beta1=0.9, beta2=0.99
     v_flat = flatten(state["v"])
     c1 = 1.0 - beta1 ** t                                      # bias corrections
     c2 = 1.0 - beta2 ** t
-    update = adam_update if use_reference() else fast.adam_update
+    update = adam_update if use_reference(reference) else fast.adam_update
     for k, p in p_flat.items():
         decay_factor = 1.0 - lr * weight_decay if kind == "adamw" and weight_decay and decay[k] else None
         update(p, g_flat[k], m_flat[k], v_flat[k], beta1, beta2, eps, c2, lr / c1, decay_factor)
@@ -90,8 +92,9 @@ def adam_update(p, g, m, v, beta1, beta2, eps, c2, step_size, decay_factor=None)
 def global_norm(grads):
     """sqrt(sum of squares of every gradient entry), as a Python float."""
     total = 0.0
-    for g in flatten(grads).values():
-        total += float((g * g).sum())
+    flat = flatten(grads)
+    for k in sorted(flat):                                     # a fixed order, whatever the tree's key order
+        total += float((flat[k] * flat[k]).sum())
     return math.sqrt(total)
 
 

@@ -223,8 +223,6 @@ class _StopFlag:
         return False
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Resolve the run: its settings, task, folder and the state it starts from.
 

@@ -16,7 +16,7 @@ from minivit import attention, fast, layers, optim, reference
 from minivit.config import get_config
 from minivit.gradcheck import gradcheck_model
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
-from minivit.model import attention_probs, init_params, layer_ops, vit_backward, vit_forward
+from minivit.model import attention_probs, block_forward, init_params, layer_ops, vit_backward, vit_forward
 from minivit.optim import optimizer_init, optimizer_step
 from minivit.threads import set_num_threads
 from minivit.tree import flatten, tree_map
@@ -71,9 +71,11 @@ def test_fast_and_reference_offer_the_same_pairs_with_the_same_signatures():
             assert inspect.signature(f).parameters.keys() == inspect.signature(r).parameters.keys(), name + half
             if f is not r:                                   # a twin names its reference in its docstring
                 assert "twin of" in f.__doc__ and name + half in f.__doc__, name + half
-    twins = [n for n in reference.LAYER_PAIRS if getattr(fast, n + "_forward") is not getattr(reference, n + "_forward")]
+    twins = [n for n in reference.LAYER_PAIRS
+             if getattr(fast, n + "_forward") is not getattr(reference, n + "_forward")]
     assert twins == ["attention", "gelu", "layernorm", "linear", "linear_gelu", "patch_embed", "softmax"]
-    assert inspect.signature(fast.adam_update).parameters.keys() == inspect.signature(optim.adam_update).parameters.keys()
+    adam = [inspect.signature(f).parameters.keys() for f in (fast.adam_update, optim.adam_update)]
+    assert adam[0] == adam[1]
 
 
 def test_reference_files_hold_only_the_math():
@@ -92,6 +94,11 @@ def test_the_switch(monkeypatch):
     cfg = get_config("test")
     _, cache = vit_forward(init_params(cfg), np.zeros((1, 8, 8, 3), np.float32), cfg)
     assert cache["ops"] is reference and type(cache["blocks"][0].attn).__module__ == "minivit.attention"
+    p = init_params(cfg)["blocks"][0]                                  # a block called on its own follows it too
+    _, block_cache = block_forward(np.zeros((1, 5, 12), np.float32), p, cfg)
+    assert block_cache.ops is reference and block_cache.mlp.ops is reference
+    monkeypatch.delenv("MINIVIT_REFERENCE")
+    assert block_forward(np.zeros((1, 5, 12), np.float32), p, cfg)[1].ops is fast
 
 
 # ---- leaf pairs

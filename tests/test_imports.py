@@ -179,7 +179,7 @@ def test_the_graph_sees_the_package():
     assert set(graph) == set(module_names(PACKAGE, "minivit")) and len(graph) > 20
     assert {"minivit.layers", "minivit.backend"} <= graph["minivit.attention"]
     assert "minivit.cli" in graph["minivit.__main__"] and "minivit.model" in graph["minivit"]
-    assert "minivit.data.shapes" in graph["minivit.data"]          # a relative import inside a function
+    assert "minivit.data.shapes" in graph["minivit.data"]          # a relative import
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from PIL import Image
 from minivit.checkpoint import load_checkpoint
 from minivit.data import load_dataset, normalize
 from minivit.data.shapes import CLASSES
-from minivit.model import predict
+from minivit.inference import predict
 
 LESSONS = Path(__file__).resolve().parent.parent / "lessons"
 FILES = sorted(LESSONS.glob("[0-9][0-9]_*.py"))

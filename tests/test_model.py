@@ -7,7 +7,8 @@ import pytest
 from minivit.config import CONFIGS, ViTConfig, count_params, get_config, param_shapes
 from minivit.gradcheck import gradcheck_model
 from minivit.loss import cross_entropy_backward, cross_entropy_forward
-from minivit.model import attention_probs, check_params, init_params, predict, vit_backward, vit_forward
+from minivit.inference import predict
+from minivit.model import attention_probs, check_params, init_params, vit_backward, vit_forward
 from minivit.tree import flatten, num_params, same_structure, unflatten
 
 from conftest import requires_gpu, CUPY

@@ -97,13 +97,17 @@ class MinivitRunner:
         self.gpu_base = None if self.xp is np else self.xp.get_default_memory_pool().used_bytes()
 
     def step(self):
+        """One step on the fast twins (reference=False: MINIVIT_REFERENCE does not change what the bench times)."""
         if self.case.train:
-            logits, cache = minivit.model.vit_forward(self.params, self.images, self.cfg, train=True, rng=self.rng)
+            logits, cache = minivit.model.vit_forward(self.params, self.images, self.cfg, train=True, rng=self.rng,
+                                                      reference=False)
             _, ce_cache = minivit.loss.cross_entropy_forward(logits, self.labels)
             _, grads = minivit.model.vit_backward(minivit.loss.cross_entropy_backward(1.0, ce_cache), cache)
-            minivit.optim.optimizer_step(self.params, grads, self.state, LR, kind="adamw", weight_decay=WEIGHT_DECAY)
+            minivit.optim.optimizer_step(self.params, grads, self.state, LR, kind="adamw",
+                                         weight_decay=WEIGHT_DECAY, reference=False)
         else:
-            minivit.model.vit_forward(self.params, self.images, self.cfg, keep_cache=False)   # as torch.no_grad
+            minivit.model.vit_forward(self.params, self.images, self.cfg, keep_cache=False,
+                                      reference=False)                            # as torch.no_grad
         synchronize(self.xp)
 
     def device_memory(self):

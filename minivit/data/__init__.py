@@ -18,6 +18,7 @@ from .formats import (FASHION_MNIST_CLASSES, IDX_FILES, MNIST_CLASSES, RESIZE_FI
                       load_image_folder, load_mnist_folder, parse_cifar_batch, parse_idx, read_idx,
                       read_idx_images, read_idx_labels, restricted_loads, write_idx)
 from .paths import default_data_dir
+from .shapes import load_shapes
 from .transforms import (DATASET_STATS, DEFAULT_AUGMENT, Augment, augment_batch, compute_stats, crop_at,
                          dataset_stats, default_augment, mixup, normalize, normalizer, one_hot, pad_images,
                          random_affine, random_crop, random_flip, resize_images, shuffled_batches, warp_affine)
@@ -94,7 +95,6 @@ def load_dataset(name, data_dir=None, image_size=None, **options):
     raw = str(name)
     key = _canonical(raw)
     if key == "shapes":
-        from .shapes import load_shapes  # imported here: the module may be absent in early checkouts
         kw = dict(take(("n_train", "n_test", "seed", "progress")))
         if image_size is not None:
             kw["image_size"] = image_size

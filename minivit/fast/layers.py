@@ -33,7 +33,8 @@ def _add_rows(y, b):
 
 
 def linear_forward(x, w, b):
-    """x: (..., D_in), w: (D_in, D_out), b: (D_out,) -> (..., D_out).   y = x @ w + b   (twin of layers.linear_forward)"""
+    """x: (..., D_in), w: (D_in, D_out), b: (D_out,) -> (..., D_out).   y = x @ w + b
+    (twin of layers.linear_forward)"""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])                      # (R, D_in): one GEMM for all rows
     y = matmul(x2, w)                                    # (R, D_out)  x @ w
@@ -112,7 +113,8 @@ def _layernorm_grad_rows(dy, xhat, rstd, w, dx):
 
 def layernorm_backward(dy, cache):
     """dy: (..., D) -> dx, dw, db   (twin of layers.layernorm_backward:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w)"""
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w). Each block returns its partial (dw, db) as
+    one (2, D) array; their sum's rows are dw and db."""
     xhat, rstd, w = cache
     xp = get_xp(dy)
     D = xhat.shape[-1]
@@ -219,7 +221,7 @@ def gelu_forward(x, approximate="tanh"):
     xp = get_xp(x)
     d = _rows2d(x).copy()                                # (R, n), becomes gelu'(x)
     y = xp.empty_like(d)                                 # (R, n)
-    row_blocks(lambda db, yb: _bias_gelu_value_deriv_rows(db, yb, 0.0), d, y)
+    row_blocks(lambda d_blk, y_blk: _bias_gelu_value_deriv_rows(d_blk, y_blk, 0.0), d, y)   # bias 0
     return y.reshape(x.shape), (d.reshape(x.shape), approximate)
 
 
@@ -275,7 +277,8 @@ def linear_gelu_backward(dy, cache):
 # Softmax over the last axis.
 
 def softmax_rows(x, y, scale):
-    """y = softmax(scale * x) on one block of rows, in place in y (y may be x)."""
+    """y = softmax(scale * x) on one block of rows, in place in y (y may be x). Public, unlike the other row
+    functions: the attention twin runs it on its chunks of scores."""
     xp = get_xp(x)
     m = x.max(axis=-1, keepdims=True)                    # (r, 1)
     xp.subtract(x, m, out=y)                             # x - max x
