@@ -6,6 +6,7 @@ and the command functions call the package. Model code never prints; this module
 import argparse
 import os
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from minivit.finetune import resize_model
 from minivit.gradcheck import gradcheck_model
 from minivit.inference import predict_files, read_labels
 from minivit.pretrained import checkpoint_format, load_pretrained
+from minivit.ranges import (IMAGE_SIZE, MODEL_RANGES, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED,
+                            TRAIN_RANGES, Range, float_list, int_list)
 from minivit.recipes import PRETRAIN_DEFAULTS, run_finetune, run_pretrain_mpp
 from minivit.reference import use_reference
 from minivit.tasks import evaluate
@@ -169,6 +172,9 @@ def cmd_eval(args):
               f"({trained_on}); class k of the data is scored as the model's class k", file=sys.stderr)
     ev = evaluate(params, cfg, ds.test_images, ds.test_labels, normalizer_from_meta(data_meta), args.batch_size)
     conf = ev["confusion"]
+    if ev["nonfinite"]:
+        print(f"warning: {ev['nonfinite']} of {len(ds.test_labels)} images got NaN or infinite logits (counted as "
+              f"wrong, left out of the table): the model overflows on them", file=sys.stderr)
     print(f"{args.checkpoint} on {name} test split ({len(ds.test_labels)} images, {cfg.image_hw[0]}x"
           f"{cfg.image_hw[1]}): accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}\n")
     width = max(len(c) for c in ds.classes)
@@ -246,7 +252,7 @@ def cmd_inspect(args):
 
 def cmd_pretrain_mpp(args):
     """Masked patch prediction pre-training (the paper's section 4.6) with the training loop's machinery."""
-    rates = tuple(float(r) for r in args.replace_rates.split(","))
+    rates = tuple(args.replace_rates)
     _setup_runtime(args)
     try:
         tc = TrainConfig(**{**PRETRAIN_DEFAULTS, **_train_settings(args)})
@@ -268,7 +274,7 @@ def cmd_fewshot(args):
     data_meta = meta.get("data", {})
     ds = dataset_for_checkpoint(data_meta, args.dataset, args.data_dir, cfg.image_hw[0], args.n_train, args.n_test)
     _check_channels(ds, cfg)
-    shots = tuple(int(s) for s in args.shots.split(","))
+    shots = tuple(args.shots)
     rows = fewshot_model(params, cfg, ds, normalizer_from_meta(data_meta), shots, tuple(range(args.seeds)),
                          args.l2, args.batch_size, args.representation)
     print(format_table(rows, f"few-shot linear probe of {args.checkpoint} on {ds.name} ({args.representation} "
@@ -292,15 +298,14 @@ def add_model_args(p):
     g = p.add_argument_group("model (a named config plus overrides)")
     g.add_argument("--model", default=None, help="named config: shapes-small, mnist-tiny, cifar-small, vit-ti16, "
                                                  "vit-s16, vit-b16, ... (default: per data set)")
-    for flag, typ, what in [("--width", int, "D"), ("--depth", int, "blocks"), ("--heads", int, "nh"),
-                            ("--mlp-dim", int, "M"), ("--patch-size", int, "P"),
-                            ("--dropout", float, "dropout after embeddings and dense layers"),
-                            ("--attn-dropout", float, "dropout on attention probabilities"),
-                            ("--drop-path", float, "stochastic depth rate of the last block")]:
-        g.add_argument(flag, type=typ, default=None, help=what)
+    for flag, what in [("--width", "D"), ("--depth", "blocks"), ("--heads", "nh"), ("--mlp-dim", "M"),
+                       ("--patch-size", "P"), ("--dropout", "dropout after embeddings and dense layers"),
+                       ("--attn-dropout", "dropout on attention probabilities"),
+                       ("--drop-path", "stochastic depth rate of the last block")]:
+        g.add_argument(flag, type=MODEL_RANGES[flag[2:].replace("-", "_")], default=None, help=what)
     g.add_argument("--pooling", choices=["token", "gap"], default=None)
     g.add_argument("--gelu", choices=["tanh", "exact"], default=None)
-    g.add_argument("--image-size", type=int, default=None, help="input size (data resized to it)")
+    g.add_argument("--image-size", type=IMAGE_SIZE, default=None, help="input size (data resized to it)")
 
 
 def add_data_args(p):
@@ -309,48 +314,49 @@ def add_data_args(p):
                    help="shapes (embedded, default), mnist, fashion-mnist, cifar10, cifar100, or folder:PATH")
     g.add_argument("--data-dir", default=None, help="where data sets live (default: data/ in a source checkout, "
                                                     "else ~/.cache/minivit; or $MINIVIT_DATA)")
-    g.add_argument("--n-train", type=int, default=None, help="shapes: training images (default 20000)")
-    g.add_argument("--n-test", type=int, default=None, help="shapes: test images (default 2000)")
+    g.add_argument("--n-train", type=POSITIVE, default=None, help="shapes: training images (default 20000)")
+    g.add_argument("--n-test", type=POSITIVE, default=None, help="shapes: test images (default 2000)")
 
 
 def add_runtime_args(p):
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: $MINIVIT_DEVICE or cpu")
-    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own choice)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="BLAS threads (default: the library's own choice)")
     p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
 
 
 def add_optim_args(p, sgd_default=False):
     g = p.add_argument_group("optimization (None: per-data-set default, see README)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many updates")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--accum-steps", type=int, default=None, help="micro-batches accumulated per update")
+    g.add_argument("--epochs", type=POSITIVE, default=None)
+    g.add_argument("--max-steps", type=NON_NEGATIVE, default=None,
+                   help="stop after this many updates (0: no limit)")
+    g.add_argument("--batch-size", type=POSITIVE, default=None)
+    g.add_argument("--accum-steps", type=POSITIVE, default=None, help="micro-batches accumulated per update")
     g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default=None)
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the decay")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    g.add_argument("--beta1", type=float, default=None)
-    g.add_argument("--beta2", type=float, default=None)
+    g.add_argument("--lr", type=TRAIN_RANGES["lr"], default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=TRAIN_RANGES["min_lr"], default=None, help="learning rate at the end of the decay")
+    g.add_argument("--weight-decay", type=TRAIN_RANGES["weight_decay"], default=None)
+    g.add_argument("--momentum", type=TRAIN_RANGES["momentum"], default=None, help="SGD momentum")
+    g.add_argument("--beta1", type=TRAIN_RANGES["beta1"], default=None)
+    g.add_argument("--beta2", type=TRAIN_RANGES["beta2"], default=None)
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None)
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup updates (default 5%% of all)")
-    g.add_argument("--label-smoothing", type=float, default=None)
-    g.add_argument("--clip-norm", type=float, default=None, help="global-norm gradient clipping (0: off)")
+    g.add_argument("--warmup-steps", type=TRAIN_RANGES["warmup_steps"], default=None, help="linear warmup updates (default 5%% of all)")
+    g.add_argument("--label-smoothing", type=TRAIN_RANGES["label_smoothing"], default=None)
+    g.add_argument("--clip-norm", type=TRAIN_RANGES["clip_norm"], default=None, help="global-norm gradient clipping (0: off)")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", choices=["default", "none"], default=None,
                    help="the data set's default policy (see README) or none")
-    a.add_argument("--crop-pad", type=int, default=None, help="pad-and-random-crop pixels")
+    a.add_argument("--crop-pad", type=TRAIN_RANGES["crop_pad"], default=None, help="pad-and-random-crop pixels")
     a.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip")
-    a.add_argument("--rotate-deg", type=float, default=None, help="random affine: max rotation")
-    a.add_argument("--shift", type=float, default=None, help="random affine: max shift in pixels")
-    a.add_argument("--scale", type=float, default=None, help="random affine: max |scale - 1|")
-    a.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
+    a.add_argument("--rotate-deg", type=TRAIN_RANGES["rotate_deg"], default=None, help="random affine: max rotation")
+    a.add_argument("--shift", type=TRAIN_RANGES["shift"], default=None, help="random affine: max shift in pixels")
+    a.add_argument("--scale", type=TRAIN_RANGES["scale"], default=None, help="random affine: max |scale - 1|")
+    a.add_argument("--mixup", type=TRAIN_RANGES["mixup"], default=None, help="mixup alpha (0: off)")
     a.add_argument("--normalize", choices=["minus_one_one", "mean_std"], default=None,
                    help="pixels to [-1, 1] (original ViT) or per-data-set mean/std")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
-    r.add_argument("--save-every", type=int, default=None, help="also save last.npz every N updates")
+    r.add_argument("--seed", type=SEED, default=None)
+    r.add_argument("--eval-every", type=TRAIN_RANGES["eval_every"], default=None, help="epochs between test evaluations")
+    r.add_argument("--save-every", type=TRAIN_RANGES["save_every"], default=None, help="also save last.npz every N updates")
     r.add_argument("--out", default=None, help="run folder (default runs/<data set>-<time>)")
     r.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run exactly where it stopped, in its folder, with its saved settings (only "
@@ -386,10 +392,10 @@ def build_parser():
     p.add_argument("--pooling", choices=["token", "gap"], default="token")
     p.add_argument("--gelu", choices=["tanh", "exact"], default="tanh")
     p.add_argument("--dropout", action="store_true", help="check with dropout and stochastic depth on (fixed mask)")
-    p.add_argument("--eps", type=float, default=1e-5, help="finite-difference step")
-    p.add_argument("--tol", type=float, default=1e-6, help="largest relative error that passes")
-    p.add_argument("--max-coords", type=int, default=32, help="coordinates sampled per tensor")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eps", type=POSITIVE_FLOAT, default=1e-5, help="finite-difference step")
+    p.add_argument("--tol", type=POSITIVE_FLOAT, default=1e-6, help="largest relative error that passes")
+    p.add_argument("--max-coords", type=POSITIVE, default=32, help="coordinates sampled per tensor")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="array backend (default: $MINIVIT_DEVICE or cpu)")
     p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
@@ -415,10 +421,10 @@ def build_parser():
                        formatter_class=fmt)
     p.add_argument("checkpoint", help="a minivit checkpoint (.npz), or original ViT .npz / timm .safetensors")
     add_data_args(p)
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
                    help="evaluate at another input size (position embeddings resampled on load)")
     p.add_argument("--resample", choices=["linear", "bilinear", "bicubic"], default="linear")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=POSITIVE, default=500)
     add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -430,9 +436,9 @@ def build_parser():
                        formatter_class=fmt)
     p.add_argument("checkpoint", help="a minivit checkpoint (.npz), or original ViT .npz / timm .safetensors")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--labels", default=None, help="text file with one class name per line")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
                    help="run at another input size (position embeddings resampled)")
     p.add_argument("--resample", choices=["linear", "bilinear", "bicubic"], default="linear")
     add_runtime_args(p)
@@ -447,7 +453,7 @@ def build_parser():
                                    "schedule (3 epochs); every one can be overridden.",
                        formatter_class=fmt)
     p.add_argument("--from", dest="from_", default=None, metavar="CHECKPOINT", help="weights to start from")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the new task (default: the data's)")
+    p.add_argument("--num-classes", type=POSITIVE, default=None, help="classes of the new task (default: the data's)")
     p.add_argument("--new-head", action="store_true", help="replace the head even when the classes match")
     p.add_argument("--resample", choices=["linear", "bilinear", "bicubic", "none"], default="linear",
                    help="position-embedding interpolation: linear = the original ViT code (corner-aligned), "
@@ -471,7 +477,7 @@ def build_parser():
     p.add_argument("checkpoint")
     p.add_argument("--image", nargs="+", default=None, metavar="FILE",
                    help="image files to analyse (default: test images of the checkpoint's data set)")
-    p.add_argument("--num-images", type=int, default=128, help="test images used when no --image is given")
+    p.add_argument("--num-images", type=POSITIVE, default=128, help="test images used when no --image is given")
     p.add_argument("--only", default=None, help="comma-separated subset of: filters,posemb,distance,rollout,maps")
     p.add_argument("--out", default=None, help="output folder (default: inspect/ beside the checkpoint)")
     add_data_args(p)
@@ -486,10 +492,10 @@ def build_parser():
                                    "checkpoints, --resume). `minivit finetune --from RUN/last.npz` fine-tunes "
                                    "the result (the prediction head dropped, a zero classification head added).",
                        formatter_class=fmt)
-    p.add_argument("--mask-rate", type=float, default=0.5, help="share of patches corrupted")
-    p.add_argument("--replace-rates", default="0.8,0.1,0.1",
+    p.add_argument("--mask-rate", type=Range(float, 0.0, 1.0, lo_open=True), default=0.5, help="share of patches corrupted")
+    p.add_argument("--replace-rates", default="0.8,0.1,0.1", type=float_list(Range(float, 0.0, 1.0), 3),
                    help="of the corrupted: mask embedding, random other patch, unchanged")
-    p.add_argument("--colour-bits", type=int, default=3, help="bits per channel of the target colour")
+    p.add_argument("--colour-bits", type=Range(int, 1, 8), default=3, help="bits per channel of the target colour")
     add_data_args(p)
     add_model_args(p)
     add_optim_args(p)
@@ -504,11 +510,11 @@ def build_parser():
                                    "test-split accuracy averaged over seeds.",
                        formatter_class=fmt)
     p.add_argument("checkpoint")
-    p.add_argument("--shots", default="1,5,10,25", help="comma-separated images per class")
-    p.add_argument("--seeds", type=int, default=3, help="shot draws averaged")
-    p.add_argument("--l2", type=float, default=2.0 ** 10)
+    p.add_argument("--shots", default="1,5,10,25", type=int_list(POSITIVE), help="comma-separated images per class")
+    p.add_argument("--seeds", type=POSITIVE, default=3, help="shot draws averaged")
+    p.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=2.0 ** 10)
     p.add_argument("--representation", choices=["pooled", "patch_mean"], default="pooled")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=POSITIVE, default=500)
     add_data_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_fewshot)
@@ -537,6 +543,13 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     _use_reference(args)
+    with warnings.catch_warnings():     # the package's warnings as one line each, like its errors
+        warnings.showwarning = lambda message, *_: print(f"minivit {args.command}: warning: {message}",
+                                                         file=sys.stderr)
+        return _run(args)
+
+
+def _run(args):
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -550,4 +563,8 @@ def main(argv=None):
         return 141                         # 128 + SIGPIPE, as a shell tool that is cut off reports
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"minivit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        print(f"minivit {args.command}: error: out of memory{f' ({e})' if str(e) else ''}; lower --batch-size or "
+              f"the image size", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ def run_batched(fn, images, params, batch_size=500, normalize_fn=None):
     x = normalize_fn(images[batch]) is moved to the device and dtype of params["pos_embed"]. What fn returns (an
     array, a tuple / list / dict of them, or plain numbers) comes back with every array copied to the host.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     like = params["pos_embed"]
     xp = get_xp(like)
     out = []
@@ -47,7 +49,9 @@ def predict(params, cfg, images, batch_size=256):
 
 
 def predict_files(params, cfg, paths, normalize_fn, classes=None, top_k=5):
-    """-> [(path, [(class name, probability), ... top_k])] for image files."""
+    """-> [(path, [(class name, probability), ... top_k])] for image files (top_k above the classes: all of them)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     images = load_image_files(paths, cfg.image_hw, cfg.channels)
     probs = predict(params, cfg, normalize_fn(images).astype(params["pos_embed"].dtype, copy=False))  # (N, K)
     k = min(top_k, probs.shape[1])

@@ -25,6 +25,17 @@ def check_labels(labels, num_classes):
     return y.astype(np.int64)
 
 
+def check_distributions(t, tol=1e-3):
+    """Soft targets (B, K): every row non-negative and summing to 1 (within tol), else ValueError naming the row."""
+    sums = to_numpy(t.sum(axis=1))                                       # (B,)
+    low = to_numpy(t.min(axis=1))                                        # (B,)
+    bad = np.flatnonzero(~(np.abs(sums - 1.0) <= tol) | ~(low >= 0))
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"soft targets must be probabilities (rows >= 0 summing to 1): row {b} sums to "
+                         f"{float(sums[b]):.6g} with smallest entry {float(low[b]):.6g}")
+
+
 def cross_entropy_forward(logits, targets, smoothing=0.0):
     """logits: (B, K), targets: (B,) integer labels or (B, K) probabilities -> (loss: 0-d array, cache).
 
@@ -36,10 +47,15 @@ def cross_entropy_forward(logits, targets, smoothing=0.0):
     B, K = logits.shape
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+    if getattr(targets, "ndim", 1) == 2 and not np.issubdtype(targets.dtype, np.floating):
+        raise ValueError(f"targets must be (B,) integer labels or (B, K) floating probabilities, got "
+                         f"{targets.dtype} of shape {tuple(targets.shape)}" +
+                         (": flatten the labels with .ravel()" if targets.shape[1:] == (1,) else ""))
     if getattr(targets, "ndim", 1) == 2:
         if tuple(targets.shape) != (B, K):
             raise ValueError(f"soft targets must have shape {(B, K)}, got {tuple(targets.shape)}")
         t = xp.asarray(targets, dtype=logits.dtype)                       # (B, K)
+        check_distributions(t)
         if smoothing:
             t = (1.0 - smoothing) * t + smoothing / K
     else:

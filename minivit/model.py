@@ -84,12 +84,15 @@ def init_params(cfg, seed=0, dtype=np.float32, device=None):
     return to_device(unflatten(flat), device)
 
 
-def check_params(params, cfg):
-    """Raise ValueError naming the first parameter whose name or shape does not match `cfg`."""
+def check_params(params, cfg, extra_ok=False):
+    """Raise ValueError naming the first parameter whose name or shape does not match `cfg` (extra_ok: parameters
+    beyond the ViT's own, such as a task's, are allowed)."""
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of arrays (init_params / load_checkpoint), got {type(params).__name__}")
     want = flatten(param_shapes(cfg), is_leaf=lambda v: isinstance(v, tuple))
     have = flatten(params)
     missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want]
+    unexpected = [] if extra_ok else [k for k in have if k not in want]
     if missing or unexpected:
         raise ValueError(f"parameters do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, shape in want.items():
@@ -187,7 +190,10 @@ def block_backward(dy, cache):
 
 def check_images(images, cfg, dtype=None):
     """Raise ValueError unless images are floating (B, H, W, C) matching cfg (and `dtype`, when given)."""
-    shape = tuple(getattr(images, "shape", ()))
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise TypeError(f"images must be an array (B, H, W, C) (NumPy, or CuPy on the GPU), got "
+                        f"{type(images).__name__}: convert with np.asarray(images, dtype=np.float32)")
+    shape = tuple(images.shape)
     H, W = cfg.image_hw
     if len(shape) != 4:
         raise ValueError(f"images must have rank 4 (B, H, W, C), got shape {shape}")
@@ -276,6 +282,7 @@ def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True, ref
     blocks, and cannot go through vit_backward. `reference=True` runs the reference layer pairs of layers.py and
     attention.py instead of their fast twins (None: MINIVIT_REFERENCE decides); vit_backward follows the forward.
     """
+    check_params(params, cfg, extra_ok=True)          # (names and shapes only: microseconds)
     check_images(images, cfg, params["pos_embed"].dtype)
     ops = layer_ops(reference)
     xp = get_xp(images)
@@ -296,12 +303,16 @@ def vit_forward(params, images, cfg, train=False, rng=None, keep_cache=True, ref
     cache["pooled"] = pooled
     logits, cache["head"] = ops.linear_forward(pooled, params["head"]["w"], params["head"]["b"])  # (B, K)
     cache["pooling"] = cfg.pooling
+    cache["logits_shape"] = logits.shape
     return logits, cache
 
 
 def head_backward(dlogits, cache):
     """dlogits: (B, K) -> dpooled (B, D), grads {head: {w, b}}: the classifier head's backward alone (what a
     linear probe on a frozen backbone trains; vit_backward goes on from dpooled)."""
+    if tuple(getattr(dlogits, "shape", ())) != tuple(cache["logits_shape"]):
+        raise ValueError(f"dlogits must have the logits' shape {tuple(cache['logits_shape'])} (B, K), got "
+                         f"{tuple(getattr(dlogits, 'shape', ()))}")
     dpooled, dw, db = cache["ops"].linear_backward(dlogits, cache["head"])   # fwd: logits = pooled @ head_w + head_b
     return dpooled, {"head": {"w": dw, "b": db}}
 

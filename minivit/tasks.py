@@ -52,22 +52,33 @@ def accumulate_micro_batches(micro_step, B, accum_steps):
 # Classification.
 
 def evaluate(params, cfg, images, labels, normalize_fn, batch_size=500, num_classes=None):
-    """Accuracy, mean loss and the confusion matrix (K, K) of `params` on uint8 images (evaluation mode)."""
+    """Accuracy, mean loss and the confusion matrix (K, K) of `params` on uint8 images (evaluation mode).
+
+    An image whose logits are not all finite has no prediction: it counts as wrong, stays out of the confusion
+    matrix, and is counted in "nonfinite" (argmax would have called it class 0). No images: ValueError.
+    """
     K = num_classes or cfg.num_classes
+    if len(images) == 0:
+        raise ValueError("there are no images to evaluate on (an empty test split?)")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
 
     def score(x, batch):
         y = labels[batch]                                                                  # (b,) host
         logits, _ = vit_forward(params, x, cfg, keep_cache=False)                        # (b, K)
         loss, _ = cross_entropy_forward(logits, y)
-        return y, logits.argmax(axis=1), loss
+        finite = get_xp(logits).isfinite(logits).all(axis=1)                             # (b,)
+        return y, logits.argmax(axis=1), finite, loss
 
     confusion = np.zeros((K, K), dtype=np.int64)
-    total_loss = 0.0
-    for y, pred, loss in run_batched(score, images, params, batch_size, normalize_fn):
+    total_loss, nonfinite = 0.0, 0
+    for y, pred, finite, loss in run_batched(score, images, params, batch_size, normalize_fn):
         total_loss += float(loss) * len(y)
-        np.add.at(confusion, (y, pred), 1)
-    n = max(1, len(images))
-    return {"accuracy": float(np.trace(confusion)) / n, "loss": total_loss / n, "confusion": confusion}
+        np.add.at(confusion, (y[finite], pred[finite]), 1)
+        nonfinite += int((~finite).sum())
+    n = len(images)
+    return {"accuracy": float(np.trace(confusion)) / n, "loss": total_loss / n, "confusion": confusion,
+            "nonfinite": nonfinite}
 
 
 def classification_loss_and_grads(params, cfg, x, targets, smoothing=0.0, accum_steps=1, seed=0, step=0,
@@ -179,8 +190,12 @@ class MPPTask:
             corruption = self._corruption(len(x), cfg, rng)
             targets = mpp_targets(x, cfg.patch_size, corruption, self.bits)
             loss, logits, _ = mpp_loss_forward(params, x, cfg, corruption, targets)
-            return float(loss) * len(targets), int((to_numpy(logits.argmax(axis=1)) == targets).sum()), len(targets)
+            logits = to_numpy(logits)                                                     # (S, 2^(3 bits))
+            hit = (logits.argmax(axis=1) == targets) & np.isfinite(logits).all(axis=1)  # NaN logits: no hit
+            return float(loss) * len(targets), int(hit.sum()), len(targets)
 
+        if len(images) == 0:
+            raise ValueError("there are no images to evaluate on (an empty test split?)")
         total_loss, correct, counted = 0.0, 0, 0
         for loss, c, n in run_batched(score, images, params, batch_size, normalize_fn):
             total_loss += loss

@@ -22,6 +22,8 @@ import math
 import os
 import signal
 import time
+import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -29,15 +31,16 @@ import numpy as np
 from tqdm import tqdm
 
 from minivit.backend import get_backend, resolve_device, to_device, to_numpy
-from minivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minivit.checkpoint import CheckpointError, NonFiniteError, load_checkpoint, save_checkpoint
 from minivit.config import get_config
 from minivit.data import Augment, default_augment, resize_images
 from minivit.data.checkpoint_data import data_normalizer, load_run_data, recorded_data_dir
 from minivit.data.transforms import augment_batch, mixup
-from minivit.fileio import atomic_write_json, atomic_write_text
+from minivit.fileio import FolderLock, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from minivit.model import init_params
 from minivit.optim import (OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at, optimizer_init, optimizer_step,
                            state_from_flat)
+from minivit.ranges import TRAIN_RANGES
 from minivit.tasks import ClassificationTask, task_from_meta
 from minivit.tree import tree_map
 
@@ -123,19 +126,17 @@ def resolve_defaults(tc):
     defaults = DATASET_DEFAULTS.get(key, DATASET_DEFAULTS["folder"])
     tc = replace(tc, **{k: v for k, v in defaults.items() if getattr(tc, k) is None})
     d = tc.to_dict()
-    if d["warmup_steps"] is not None and d["warmup_steps"] < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {d['warmup_steps']}")
-    for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
-        if not isinstance(d[name], int) or d[name] < 1:
-            raise ValueError(f"{name} must be a positive integer, got {d[name]!r}")
+    for name, allowed in TRAIN_RANGES.items():        # every numeric setting in its range (minivit.ranges)
+        if d[name] is not None:
+            d[name] = allowed.check(d[name], name)
     if d["batch_size"] % d["accum_steps"]:
         raise ValueError(f"batch_size {d['batch_size']} is not divisible by accum_steps {d['accum_steps']}")
     if d["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {d['optimizer']!r}")
     if d["schedule"] not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {d['schedule']!r}")
-    if not d["lr"] > 0:
-        raise ValueError(f"lr must be positive, got {d['lr']!r}")
+    if d["min_lr"] > d["lr"]:
+        raise ValueError(f"min_lr {d['min_lr']!r} is above lr {d['lr']!r}: the schedule decays from lr to min_lr")
     if d["augment"] not in ("default", "none"):
         raise ValueError(f"augment must be 'default' or 'none', got {d['augment']!r}")
     return TrainConfig(**d)        # (paths as strings, as the checkpoint records them)
@@ -150,6 +151,18 @@ def make_augment(tc):
     over = {"crop_pad": tc.crop_pad, "flip": tc.flip, "rotate_deg": tc.rotate_deg, "shift": tc.shift,
             "scale": tc.scale, "mixup_alpha": tc.mixup}
     return Augment(**{**asdict(base), **{k: v for k, v in over.items() if v is not None}})
+
+
+def _augment_for(tc, cfg):
+    """make_augment(tc), checked against the model's input size: a shift or crop padding of a whole image or more
+    would move every pixel out of the picture."""
+    aug = make_augment(tc)
+    side = min(cfg.image_hw)
+    for name, value in (("shift", aug.shift), ("crop_pad", aug.crop_pad)):
+        if value >= side:
+            raise ValueError(f"{name} {value!r} is not smaller than the {side}-pixel input: every pixel would "
+                             f"leave the image")
+    return aug
 
 
 def resolve_model(tc, ds=None, cfg=None):
@@ -247,9 +260,16 @@ def resolve_run(tc=None, resume=None, task=None, meta_extra=None, params=None, c
     classification) and params/cfg. A resume: the checkpoint's settings, task, weights and counters; from tc only
     a larger `epochs`, `device` and `max_steps` are taken."""
     start = RunStart(tc, task, dict(meta_extra or {}), {"step": 0, "epoch": 0, "batch": 0}, params, cfg)
-    if resume is not None:
+    if resume is None:         # every checkpoint and config.json of the run carry its id (a resume keeps it)
+        start.meta_extra["run_id"] = uuid.uuid4().hex
+        tc = resolve_defaults(start.tc or TrainConfig())
+    else:
         start = _resumed(resume, tc, task, meta_extra)
-    tc = resolve_defaults(start.tc or TrainConfig())
+        try:
+            tc = resolve_defaults(start.tc)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{start.resumed_from['path']}: its training settings (meta['train']) are "
+                                  f"invalid: {e}") from None
     if tc.data_dir:            # recorded as an absolute path: a resume from another folder reads the same data
         tc = replace(tc, data_dir=str(Path(tc.data_dir).resolve()))
     start.tc, start.task = tc, start.task or ClassificationTask()
@@ -263,7 +283,13 @@ def _resumed(resume, tc, task, meta_extra):
     params, cfg, meta, opt_flat = load_checkpoint(ckpt, device="cpu", with_optimizer=True)   # device: prepare_run
     if "train" not in meta or opt_flat is None:
         raise CheckpointError(f"{ckpt} has no training state to resume (a weights-only checkpoint?)")
-    saved = TrainConfig.from_dict(meta["train"])
+    try:
+        saved = TrainConfig.from_dict(meta["train"])
+        if task is None and meta.get("task") == "mpp":             # a masked patch prediction run goes on as one
+            task = task_from_meta(meta)
+            meta_extra = dict(meta_extra or {}, mpp=meta["mpp"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: its training settings (meta['train'], meta['mpp']) are invalid: {e}") from None
     saved_data = meta.get("data", {})     # the data it read (older runs and fine-tunes left these to defaults)
     saved = replace(
         saved,
@@ -276,20 +302,43 @@ def _resumed(resume, tc, task, meta_extra):
     if saved.dataset == "shapes":
         saved = replace(saved, n_train=saved.n_train or saved_data.get("n_train"),
                         n_test=saved.n_test or saved_data.get("n_test"))
-    if task is None and meta.get("task") == "mpp":             # a masked patch prediction run goes on as one
-        task = task_from_meta(meta)
-        meta_extra = dict(meta_extra or {}, mpp=meta["mpp"])
     # what a checkpoint's meta holds beyond the training state (e.g. finetuned_from) goes on into the new ones
     meta_extra = dict({k: v for k, v in meta.items() if k not in _TRAINING_META}, **(meta_extra or {}))
-    progress = meta["progress"]
-    history = []
-    log_path = ckpt.parent / "log.jsonl"
-    if log_path.exists():   # the log as it was at the checkpoint (a later line, e.g. of a crash, is dropped)
-        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        history = [h for h in history if h.get("step", 0) <= progress["step"]]
+    progress = meta.get("progress")
+    if progress is None:
+        raise CheckpointError(f"{ckpt} has no meta['progress'] (the counters a resume starts from)")
+    # the log as it was at the checkpoint (a later line, e.g. of a crash, is dropped)
+    history = [h for h in read_log(ckpt.parent / "log.jsonl") if h.get("step", 0) <= progress["step"]]
     return RunStart(saved, task, meta_extra, progress, params, cfg, opt_flat,
-                    best=meta.get("metrics", {}).get("best_accuracy", -1.0), history=history,
+                    best=_or(meta.get("metrics", {}).get("best_accuracy"), -1.0), history=history,
                     resumed_from={"path": str(ckpt), "step": progress["step"]}, run_dir=ckpt.parent)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def read_log(path):
+    """The entries of a run's log.jsonl (none if it does not exist). A line that is not a JSON object, such as the
+    torn last line of a process killed while writing it, is dropped with a warning naming the file and line: the
+    checkpoint, not the log, holds the state a resume needs."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line.decode("utf-8"))
+            if not isinstance(entry, dict) or not isinstance(entry.get("step", 0), int):
+                raise ValueError("not a log entry (an object with an integer step)")
+        except ValueError as e:          # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            warnings.warn(f"{path}: line {number} is not a log entry ({type(e).__name__}: {str(e):.80}); "
+                          f"dropped", RuntimeWarning, stacklevel=2)
+            continue
+        entries.append(entry)
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,11 +361,40 @@ class PreparedRun:
     folder: "RunFolder"
 
 
+def activation_bytes(cfg, batch):
+    """About how many bytes one training micro-batch of `batch` images keeps for the backward pass (float32):
+    per block the attention probabilities (batch, heads, N, N) and some ten (batch, N, width)-sized tensors plus
+    the MLP's (batch, N, mlp_dim) pair. An estimate to refuse the impossible, not a measurement."""
+    N = cfg.seq_len
+    per_block = batch * (cfg.heads * N * N + N * (10 * cfg.width + 2 * cfg.mlp_dim))
+    return 4 * cfg.depth * per_block
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):      # (no sysconf: Windows)
+        return None
+
+
+def check_fits_in_memory(cfg, batch, device="cpu"):
+    """ValueError before any work when a micro-batch's activations alone exceed this machine's memory (CPU runs)."""
+    total = _physical_memory()
+    need = activation_bytes(cfg, batch)
+    if device == "cpu" and total and need > total:
+        H, W = cfg.image_hw
+        raise ValueError(f"a micro-batch of {batch} images at {H}x{W} ({cfg.seq_len} tokens of {cfg.patch_size}x"
+                         f"{cfg.patch_size} patches, {cfg.depth} blocks) needs about {need / 2 ** 30:.0f} GiB of "
+                         f"activations and this machine has {total / 2 ** 30:.0f} GiB: lower --image-size or "
+                         f"--batch-size, or raise --accum-steps")
+
+
 def prepare_run(start, data=None, progress=True):
     """-> PreparedRun for a RunStart; writes the run folder's config.json (nothing else yet)."""
     tc, task, cfg = start.tc, start.task, start.cfg
     device = resolve_device(tc.device)
     xp = get_backend(device)
+    check_fits_in_memory(resolve_model(tc, None, cfg), tc.batch_size // tc.accum_steps, device)   # before the data
     if data is None:   # load at the model's input size (shapes is drawn at 64 and reduced, never enlarged)
         size = tc.image_size or (cfg.image_hw[0] if cfg is not None else get_config(tc.model).image_hw[0])
         data = load_run_data(tc.dataset, size, tc.data_dir, tc.n_train, tc.n_test, progress)
@@ -359,18 +437,28 @@ def prepare_run(start, data=None, progress=True):
     run_dir = start.run_dir if start.resumed_from is not None else (
         Path(tc.out) if tc.out else _default_run_dir(tc))
     folder = RunFolder(run_dir, start.resumed_from, start.history)
-    folder.write_config(tc, cfg, data_meta)
-    return PreparedRun(ds, cfg, params, trainable, opt_state, normalize_fn, data_meta, make_augment(tc),
+    folder.open(start.meta_extra.get("run_id"), cfg)
+    try:
+        folder.write_config(tc, cfg, data_meta, start.meta_extra.get("run_id"))
+    except BaseException:
+        folder.close()
+        raise
+    return PreparedRun(ds, cfg, params, trainable, opt_state, normalize_fn, data_meta, _augment_for(tc, cfg),
                        steps_per_epoch, total_steps, warmup, folder)
 
 
 class RunFolder:
-    """A run's files: config.json, log.jsonl (one JSON line per epoch), last.npz and best.npz (written atomically).
+    """A run's files: config.json, log.jsonl (one JSON line per epoch), last.npz and best.npz (written atomically),
+    and run.lock while a process trains in it.
 
-    Before the run writes its first log line or checkpoint (not before: a run that fails at once destroys nothing),
-    a new run removes an earlier run's log and checkpoints from the folder; a resume from an earlier checkpoint
-    cuts the log back to it and removes a best.npz from the abandoned updates after it.
+    open() takes the folder's lock (a second run in the same folder is refused; the lock of a killed run is taken
+    over), removes the temporary files an interrupted save left, and, on a resume, checks that the checkpoint is
+    this folder's run (its run id, or for older runs its model, against config.json). Before the run writes its
+    first log line or checkpoint (not before: a run that fails at once destroys nothing), a new run removes an
+    earlier run's log and checkpoints from the folder; a resume from an earlier checkpoint cuts the log back to it
+    and removes a best.npz from the abandoned updates after it. close() releases the lock.
     """
+    FILES = ("config.json", "log.jsonl", "last.npz", "best.npz")
 
     def __init__(self, path, resumed_from=None, history=()):
         self.path = Path(path)
@@ -378,11 +466,53 @@ class RunFolder:
         self._resumed_from = resumed_from
         self._history = list(history)   # a resumed run's log lines up to its checkpoint
         self._first_write = True
+        self._lock = FolderLock(self.path / "run.lock")
 
-    def write_config(self, tc, cfg, data_meta):
+    def open(self, run_id, cfg):
+        self.path.mkdir(parents=True, exist_ok=True)
+        replaced = self._lock.acquire()
+        if replaced is not None:
+            warnings.warn(f"{self.path}: took over the lock of a run that is no longer running (process "
+                          f"{replaced.get('pid')}, since {replaced.get('started')})", RuntimeWarning, stacklevel=2)
+        try:
+            removed = remove_stale_temporaries(self.path, self.FILES)
+            if removed:
+                warnings.warn(f"{self.path}: removed {len(removed)} temporary file(s) of an interrupted save "
+                              f"({', '.join(Path(p).name for p in removed)})", RuntimeWarning, stacklevel=2)
+            if self._resumed_from is not None:
+                self._check_same_run(run_id, cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_same_run(self, run_id, cfg):
+        """A checkpoint copied in from another run must not go on under this folder's log and best.npz."""
+        try:
+            recorded = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return                       # no (readable) config.json: nothing to compare with; it is rewritten
+        if not isinstance(recorded, dict):
+            return
+        ckpt = self._resumed_from["path"]
+        theirs = recorded.get("run_id")
+        if run_id and theirs and run_id != theirs:
+            why = f"its run id {run_id} is not the folder's {theirs} (config.json)"
+        elif isinstance(recorded.get("model"), dict) and recorded["model"] != cfg.to_dict():
+            diff = [k for k, v in cfg.to_dict().items() if recorded["model"].get(k) != v]
+            why = f"its model differs from the folder's config.json in {', '.join(diff) or 'its fields'}"
+        else:
+            return
+        raise CheckpointError(f"{ckpt} is not a checkpoint of the run in {self.path}: {why}. Resume it from the "
+                              f"folder it was written in, or start from its weights in a new folder (minivit "
+                              f"finetune --from {ckpt} --out NEW_FOLDER)", ckpt)
+
+    def close(self):
+        self._lock.release()
+
+    def write_config(self, tc, cfg, data_meta, run_id=None):
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / "config.json", {"train": tc.to_dict(), "model": cfg.to_dict(),
-                                                      "data": data_meta})
+                                                      "data": data_meta, "run_id": run_id})
 
     def _clear_what_is_not_this_run(self):
         if not self._first_write:
@@ -441,6 +571,15 @@ def _batch(run, tc, order, batch, step, xp):
     return xp.asarray(x, dtype=run.params["pos_embed"].dtype), y, soft
 
 
+def diverged_advice(tc):
+    """What to change when a run diverged: the flags that tame it, with the values it ran with."""
+    lower = f"a lower --lr (it was {tc.lr:g}; try {tc.lr / 10:g})"
+    tame = (f"{lower}, or gradient clipping (--clip-norm 1; it was off)" if not tc.clip_norm else
+            f"{lower} or a longer warmup (--warmup-steps); clipping was already on (--clip-norm {tc.clip_norm:g})")
+    return (f"Start a new run with {tame}: a resume repeats the same settings and would diverge at the same "
+            f"update.")
+
+
 def _update(run, tc, task, x, y, soft, step, where):
     """One update: loss and gradients, clipping, the optimizer step -> (loss, correct, counted, grad norm, lr).
     A non-finite loss raises TrainingError before the weights change; `where` () -> the words naming the update."""
@@ -448,9 +587,11 @@ def _update(run, tc, task, x, y, soft, step, where):
         run.params, run.cfg, x, y, soft, smoothing=tc.label_smoothing, accum_steps=tc.accum_steps, seed=tc.seed,
         step=step, freeze_backbone=tc.freeze_backbone)
     if not math.isfinite(loss):
-        raise TrainingError(f"the loss became {loss} at update {step + 1} {where()}. Try a lower --lr or "
-                            f"--clip-norm 1.")
+        raise TrainingError(f"the loss became {loss} at update {step + 1} {where()}. {diverged_advice(tc)}")
     gnorm = clip_by_global_norm(grads, tc.clip_norm)
+    if not math.isfinite(gnorm):      # before the weights change: a NaN gradient would poison every weight
+        raise TrainingError(f"the gradient norm became {gnorm} at update {step + 1} {where()}. "
+                            f"{diverged_advice(tc)}")
     lr = lr_at(step + 1, tc.lr, run.total_steps, run.warmup, tc.schedule, tc.min_lr)
     optimizer_step(run.trainable, grads, run.opt_state, lr, kind=tc.optimizer, beta1=tc.beta1, beta2=tc.beta2,
                    weight_decay=tc.weight_decay, momentum=tc.momentum)
@@ -476,7 +617,12 @@ def run_epochs(start, run, progress=True, log=print, on_step=None):
                              "epoch_sums": sums.to_dict()},
                 "data": run.data_meta, "metrics": dict(metrics or {}, best_accuracy=best)}
         meta.update(start.meta_extra)
-        path = folder.save(name, params, cfg, run.opt_state, meta)
+        try:
+            path = folder.save(name, params, cfg, run.opt_state, meta)
+        except NonFiniteError as e:   # finite loss and gradients, yet weights or moments overflowed: stop here
+            raise TrainingError(f"after update {step} the {'weights' if any(n.startswith('params.') for n in e.names) else 'optimizer state'} "
+                                f"hold NaN or infinity ({len(e.names)} arrays, e.g. {e.names[0]}), so {name}.npz "
+                                f"was not written {where()}. {diverged_advice(tc)}") from None
         if name == "last":
             last_good.update(path=str(path), step=step)
         return path
@@ -575,5 +721,8 @@ def train(tc=None, params=None, cfg=None, resume=None, progress=True, log=print,
     task: what is optimized (default ClassificationTask(); minivit.tasks.MPPTask for masked patch prediction).
     """
     start = resolve_run(tc, resume, task, meta_extra, params, cfg)
-    run = prepare_run(start, data, progress)
-    return run_epochs(start, run, progress, log, on_step)
+    run = prepare_run(start, data, progress)          # (takes the run folder's lock)
+    try:
+        return run_epochs(start, run, progress, log, on_step)
+    finally:
+        run.folder.close()

@@ -1,4 +1,5 @@
 """The benchmark: its FLOP formula against the products a step really runs, and a short run of a tiny case."""
+import argparse
 import importlib.util
 import json
 import sys
@@ -14,7 +15,7 @@ from minivit.bench import loading, main
 from minivit.bench.cases import CASES, matmul_flops, matmul_shapes, shapes_flops
 from minivit.bench.floor import gemm_floor, matmul_peak
 from minivit.bench.profiler import Profiler
-from minivit.bench.report import format_table
+from minivit.bench.report import add_bench_arguments, format_table, run_bench
 from minivit.bench.runner import MinivitRunner, peak_rss_mb, reset_peak_rss, rss_mb
 from minivit.bench.timing import run_case
 from minivit.config import get_config
@@ -213,9 +214,14 @@ def test_bench_vs_torch_agrees_on_a_tiny_case():
     assert r["ratio_vs_torch"] == pytest.approx(r["minivit"]["ms"]["median"] / r["torch"]["ms"]["median"])
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="--steps must be >= 1"):
+def test_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:            # refused at parse time, the flag named
         main(["--case", "tiny", "--steps", "0"])
+    assert e.value.code == 2 and "argument --steps: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    args = add_bench_arguments(argparse.ArgumentParser()).parse_args(["--case", "tiny"])
+    args.steps = 0                                  # and by run_bench itself, for a namespace built in Python
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        run_bench(args)
 
 
 def test_loading_benchmark_writes_and_loads_a_random_checkpoint(tmp_path):

@@ -17,6 +17,7 @@ from minivit.threads import blas_info
 from minivit.bench.cases import CASES, DEFAULT_CASES
 from minivit.bench.timing import run_case
 from minivit.bench.worker import serve
+from minivit.ranges import POSITIVE, SEED
 
 DESCRIPTION = "`minivit bench`: time a training step against the machine's matmul limit and against PyTorch eager."
 
@@ -88,18 +89,18 @@ def add_bench_arguments(parser):
     """Declare the `bench` flags on an argparse parser."""
     parser.add_argument("--case", action="append", choices=sorted(CASES), default=None,
                         help=f"case to run (repeatable; default: {' '.join(DEFAULT_CASES)})")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1: the last one also "
+    parser.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per case (after the warm-up)")
+    parser.add_argument("--warmup", type=POSITIVE, default=2, help="untimed steps first (at least 1: the last one also "
                         "tells how long a step takes)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=POSITIVE, default=None,
                         help="threads for BLAS, OpenMP and minivit's elementwise pool (default: the usable cores)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--vs-torch", action="store_true",
                         help="also run the same model in PyTorch eager (needs torch) and compare")
     parser.add_argument("--profile", action="store_true", help="add a per-operation breakdown of the minivit step")
-    parser.add_argument("--floor-reps", type=int, default=3, help="rounds of the GEMM floor (median)")
+    parser.add_argument("--floor-reps", type=POSITIVE, default=3, help="rounds of the GEMM floor (median)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     return parser
 
 

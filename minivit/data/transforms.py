@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..backend import get_xp, to_numpy
+from ..ranges import FRACTION, NON_NEGATIVE_FLOAT, ROTATE_DEG
 
 # Per-channel mean and std of the training images, in [0, 1] units (pixel / 255).
 DATASET_STATS = {
@@ -283,11 +284,9 @@ class Augment:
             raise ValueError(f"crop_pad must be a non-negative integer, got {self.crop_pad!r}")
         if self.crop_mode not in PAD_MODES:
             raise ValueError(f"crop_mode must be one of {PAD_MODES}, got {self.crop_mode!r}")
-        for name in ("rotate_deg", "shift", "mixup_alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.scale < 1:
-            raise ValueError(f"scale must lie in [0, 1), got {self.scale!r}")
+        for name, allowed in (("rotate_deg", ROTATE_DEG), ("shift", NON_NEGATIVE_FLOAT),
+                              ("mixup_alpha", NON_NEGATIVE_FLOAT), ("scale", FRACTION)):
+            allowed.check(getattr(self, name), name)          # finite and in range (NaN is no setting)
 
     @property
     def affine(self):
